@@ -1,0 +1,153 @@
+"""The garment branch of Dressing-Attention (paper eq. 6) with the masked semantics of decisions.md.
+
+For queries q (one row per latent token), garments k = 1..N with projected tokens K'_k, V'_k, weights w_k and optional
+per-query mask values m_k(q):
+
+    V(q)   = {k : m_k(q) > 0}
+    p(q,j) = softmax over the tokens of the visible garments only of q.K'_j / sqrt(d), per head
+    G(q)   = sum_{k in V(q)} w_k m_k(q) sum_{j in T_k} p(q,j) V'_j         (0 when V(q) is empty)
+
+Without masks and with all w_k = 1 this is one softmax over all garment tokens: a single attention call.
+Otherwise each garment is attended separately and the per-garment results are merged with log-sum-exp
+weights, which is exact and never builds a [queries x all garment tokens] bias.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+# attention(q, k, v, heads) -> [B, Lq, heads*d]; q/k/v are [B, L, heads*d]. The node layer passes ComfyUI's
+# optimized attention here so every backend (and other packs' overrides) keep working.
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Plain multi-head attention with torch's SDPA; used when no host attention function is given."""
+    b, lq, inner = q.shape
+    d = inner // heads
+    qh = q.reshape(b, lq, heads, d).transpose(1, 2)
+    kh = k.reshape(k.shape[0], k.shape[1], heads, d).transpose(1, 2)
+    vh = v.reshape(v.shape[0], v.shape[1], heads, d).transpose(1, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh)
+    return out.transpose(1, 2).reshape(b, lq, inner)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, length, inner = x.shape
+    return x.reshape(b, length, heads, inner // heads).transpose(1, 2)
+
+
+def _attention_lse_math(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale: float,
+                        chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention and log-sum-exp in float32, in query chunks so memory stays bounded."""
+    outs, lses = [], []
+    kt = kh.float().transpose(-1, -2)
+    vf = vh.float()
+    for start in range(0, qh.shape[-2], chunk):
+        s = torch.matmul(qh[..., start:start + chunk, :].float(), kt) * scale
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse.unsqueeze(-1))
+        outs.append(torch.matmul(p, vf))
+        lses.append(lse)
+    return torch.cat(outs, dim=-2).to(qh.dtype), torch.cat(lses, dim=-1)
+
+
+_FUSED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _attention_lse_fused(qh, kh, vh, scale):
+    if qh.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, False, scale=scale)[:2]
+        return out, lse.float()
+    if qh.device.type == "cuda":
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(qh, kh, vh, None, True, scale=scale)
+        out, lse = res[0], res[1]
+        return out, lse[..., : qh.shape[-2]].float()
+    raise NotImplementedError
+
+
+def attention_with_lse(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor,
+                       scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output [B,h,Lq,d] and its log-sum-exp [B,h,Lq] (float32).
+
+    Uses torch's fused kernels, which return the log-sum-exp, where they exist; each (device, dtype) is checked once
+    against the exact math on a small slice and the math path is used if the fused kernel is missing or disagrees.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(qh.shape[-1])
+    tag = (qh.device.type, qh.dtype)
+    ok = _FUSED_OK.get(tag)
+    if ok is None:
+        try:
+            qs, ks, vs = qh[:1, :, :8].contiguous(), kh[:1, :, :16].contiguous(), vh[:1, :, :16].contiguous()
+            o1, l1 = _attention_lse_fused(qs, ks, vs, scale)
+            o2, l2 = _attention_lse_math(qs, ks, vs, scale)
+            tol = 1e-3 if qh.dtype == torch.float32 else 2e-2
+            ok = bool(torch.allclose(l1, l2, atol=tol, rtol=tol) and
+                      torch.allclose(o1.float(), o2.float(), atol=tol * 4, rtol=tol * 4))
+        except Exception:
+            ok = False
+        _FUSED_OK[tag] = ok
+    if ok:
+        try:
+            return _attention_lse_fused(qh.contiguous(), kh.contiguous(), vh.contiguous(), scale)
+        except Exception:
+            _FUSED_OK[tag] = False
+    return _attention_lse_math(qh, kh, vh, scale)
+
+
+def garment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, heads: int,
+                      segments: Sequence[tuple[int, int]], weights: Optional[Sequence[float]] = None,
+                      masks: Optional[torch.Tensor] = None,
+                      attention: AttentionFn = sdpa_attention) -> torch.Tensor:
+    """The garment branch G for queries q [B, Lq, C] over garment tokens keys/values [1 or B, L, C].
+
+    segments: token range (start, end) of each garment in keys/values. weights: w_k (default 1).
+    masks: [N, Lq] or [B, N, Lq] values in [0, 1] (None means 1 everywhere). Returns [B, Lq, C].
+    """
+    n = len(segments)
+    uniform = weights is None or all(float(w) == 1.0 for w in weights)
+    b = q.shape[0]
+    if masks is None and uniform:
+        # Exactly eq. 6: one softmax over all garment tokens.
+        return attention(q, keys.expand(b, -1, -1), values.expand(b, -1, -1), heads)
+
+    if masks is not None:
+        m = masks.to(device=q.device, dtype=torch.float32)
+        if m.dim() == 2:
+            m = m.unsqueeze(0)
+        if m.shape[-2] != n or m.shape[-1] != q.shape[1]:
+            raise ValueError(f"garment masks have shape {tuple(masks.shape)}; expected [{n}, {q.shape[1]}]")
+        if not bool((m > 0).any()):
+            return torch.zeros_like(q)
+    else:
+        m = None
+
+    qh = _split_heads(q, heads)
+    outs, lses = [], []
+    for start, end in segments:
+        kh = _split_heads(keys[:, start:end], heads).expand(b, -1, -1, -1)
+        vh = _split_heads(values[:, start:end], heads).expand(b, -1, -1, -1)
+        o, lse = attention_with_lse(qh, kh, vh)
+        outs.append(o)
+        lses.append(lse)
+    lse_all = torch.stack(lses, dim=0)  # [N, B, h, Lq]
+    coef_values = [1.0] * n if weights is None else [float(w) for w in weights]
+    if len(coef_values) != n:
+        raise ValueError(f"{len(coef_values)} garment weights given for {n} garments")
+    coef = torch.tensor(coef_values, device=q.device, dtype=torch.float32).view(n, 1, 1, 1)
+    if m is not None:
+        visible = (m > 0).permute(1, 0, 2).unsqueeze(2)  # [N, B|1, 1, Lq]
+        lse_all = lse_all.masked_fill(~visible, float("-inf"))
+        coef = coef * m.permute(1, 0, 2).unsqueeze(2)
+    total = torch.logsumexp(lse_all, dim=0, keepdim=True)
+    share = torch.exp(lse_all - total)
+    share = torch.nan_to_num(share, nan=0.0)  # queries that see no garment: -inf - -inf
+    mix = share * coef  # [N, B, h, Lq]
+    out = torch.zeros_like(qh, dtype=torch.float32)
+    for k in range(n):
+        out = out + mix[k].unsqueeze(-1) * outs[k].float()
+    return out.to(q.dtype).transpose(1, 2).reshape(q.shape)

@@ -1,0 +1,203 @@
+"""Dressing-Attention as a self-attention replacement: O = SelfAttn(Q,K,V) + sum over branches of lambda * G.
+
+A *branch* is one Apply Dressing-Attention node's contribution (its garments, lambda, weights, masks, schedule and
+uncond setting). Chained Apply nodes add branches to the same replacement; a replacement another pack installed on
+the layer before us is kept and called for the self-attention part.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from .attention import AttentionFn, garment_attention, sdpa_attention
+from .layers import LayerKey
+from .masks import resize_to_grid
+
+Projection = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+SelfAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+# transformer_options key under which the sampling wrapper publishes the per-run cache
+RUN_CACHE_KEY = "anydressing_run_cache"
+
+
+class RunCache(dict):
+    """Per sampling run: projected garment K'/V' and resized masks. Created and cleared by a sampling wrapper."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@dataclass(eq=False)
+class DressingLayer:
+    """Garment tokens of one self-attention layer and the projections W_k', W_v' that turn them into K', V'."""
+
+    features: torch.Tensor  # [1, L, C]
+    segments: list[tuple[int, int]]
+    key_proj: Projection
+    value_proj: Projection
+
+    def project(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features.to(device=device, dtype=dtype)
+        return _apply(self.key_proj, f), _apply(self.value_proj, f)
+
+
+def _apply(proj: Projection, f: torch.Tensor) -> torch.Tensor:
+    if isinstance(proj, torch.Tensor):
+        return torch.matmul(f, proj.to(device=f.device, dtype=f.dtype).t())
+    return proj(f)
+
+
+def layer_grid(extra: dict, tokens: int) -> tuple[int, int]:
+    """(h, w) of the current layer's token grid, from activations_shape, else from the latent's aspect ratio."""
+    shape = extra.get("activations_shape")
+    if shape is not None and len(shape) >= 4 and int(shape[-2]) * int(shape[-1]) == tokens:
+        return int(shape[-2]), int(shape[-1])
+    orig = extra.get("original_shape")
+    if orig is not None and len(orig) >= 4:
+        oh, ow = int(orig[-2]), int(orig[-1])
+        ratio = math.sqrt(oh * ow / tokens)
+        for h in (round(oh / ratio), math.ceil(oh / ratio), math.floor(oh / ratio)):
+            if h > 0 and tokens % h == 0:
+                return h, tokens // h
+    raise ValueError(f"cannot tell the token grid of a layer with {tokens} tokens")
+
+
+class DressingBranch:
+    """One set of garments attended from every patched layer, with its lambda, weights, masks and schedule."""
+
+    def __init__(self, layers: dict[LayerKey, DressingLayer], strength: float = 0.7,
+                 weights: Optional[Sequence[float]] = None, masks: Optional[torch.Tensor] = None,
+                 sigma_start: float = float("inf"), sigma_end: float = 0.0, include_uncond: bool = False,
+                 attention: AttentionFn = sdpa_attention):
+        self.layers = layers
+        self.strength = float(strength)
+        self.weights = None if weights is None else tuple(float(w) for w in weights)
+        self.masks = masks  # [N, H, W] float in [0, 1] or None
+        self.sigma_start = float(sigma_start)
+        self.sigma_end = float(sigma_end)
+        self.include_uncond = bool(include_uncond)
+        self.attention = attention
+        self.full_schedule = self.sigma_start >= 1e8 and self.sigma_end <= 0.0
+
+    def __deepcopy__(self, memo):
+        return self  # immutable; ModelPatcher.clone() must not duplicate garment tensors
+
+    def active_at(self, extra: dict) -> bool:
+        if self.strength == 0.0:
+            return False
+        if self.full_schedule:
+            return True
+        sigmas = extra.get("sigmas")
+        if sigmas is None:
+            return True
+        sigma = float(sigmas.detach().max())
+        return self.sigma_end <= sigma <= self.sigma_start
+
+    def rows(self, extra: dict, batch: int) -> list[tuple[int, int]]:
+        """Row ranges that see the garments, from cond_or_uncond (0 = cond, 1 = uncond), never batch positions."""
+        cou = extra.get("cond_or_uncond")
+        if not cou:
+            return [(0, batch)]
+        per = batch // len(cou)
+        return [(i * per, (i + 1) * per) for i, c in enumerate(cou) if c == 0 or self.include_uncond]
+
+    def projected(self, key: LayerKey, layer: DressingLayer, device, dtype, cache: Optional[dict]):
+        if cache is None:
+            return layer.project(device, dtype)
+        ck = ("kv", id(self), key, str(device), dtype)
+        hit = cache.get(ck)
+        if hit is None:
+            hit = layer.project(device, dtype)
+            cache[ck] = hit
+        return hit
+
+    def layer_masks(self, extra: dict, tokens: int, device, cache: Optional[dict]) -> Optional[torch.Tensor]:
+        if self.masks is None:
+            return None
+        h, w = layer_grid(extra, tokens)
+        ck = ("mask", id(self), h, w, str(device))
+        if cache is not None and ck in cache:
+            return cache[ck]
+        m = resize_to_grid(self.masks, h, w).to(device)
+        if cache is not None:
+            cache[ck] = m
+        return m
+
+    def output(self, key: LayerKey, q: torch.Tensor, extra: dict) -> Optional[list[tuple[int, int, torch.Tensor]]]:
+        """lambda * G for the rows that see garments, as (start, end, tensor) pieces; None when inactive here."""
+        layer = self.layers.get(key)
+        if layer is None or not self.active_at(extra):
+            return None
+        ranges = self.rows(extra, q.shape[0])
+        if not ranges:
+            return None
+        cache = extra.get(RUN_CACHE_KEY)
+        masks = self.layer_masks(extra, q.shape[1], q.device, cache)
+        if masks is not None and not bool((masks > 0).any()):
+            return None  # no query sees any garment: exactly the unpatched layer
+        kp, vp = self.projected(key, layer, q.device, q.dtype, cache)
+        heads = int(extra["n_heads"])
+        pieces = []
+        for start, end in _merge(ranges):
+            g = garment_attention(q[start:end], kp, vp, heads, layer.segments, self.weights, masks, self.attention)
+            pieces.append((start, end, g * self.strength))
+        return pieces
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in ranges:
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+class DressingAttentionReplace:
+    """An attn1 replacement for one layer: self-attention (or the replacement it wraps) plus each branch's output."""
+
+    def __init__(self, key: LayerKey, self_attention: SelfAttentionFn, previous: Any = None,
+                 branches: Optional[list[DressingBranch]] = None):
+        self.key = key
+        self.self_attention = self_attention
+        self.previous = previous
+        self.branches: list[DressingBranch] = list(branches or [])
+
+    def with_branch(self, branch: DressingBranch) -> "DressingAttentionReplace":
+        """A new replacement with one more branch (copy-on-write: the upstream MODEL's object is untouched)."""
+        return DressingAttentionReplace(self.key, self.self_attention, self.previous, self.branches + [branch])
+
+    def __deepcopy__(self, memo):
+        return DressingAttentionReplace(self.key, self.self_attention, copy.deepcopy(self.previous, memo),
+                                        list(self.branches))
+
+    def to(self, *args, **kwargs):
+        """ComfyUI moves patches between devices; garment tensors move lazily, per run, to where q is."""
+        if self.previous is not None and hasattr(self.previous, "to"):
+            moved = self.previous.to(*args, **kwargs)
+            if moved is not None:
+                self.previous = moved
+        return self
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
+        if self.previous is not None:
+            out = self.previous(q, k, v, extra)
+        else:
+            out = self.self_attention(q, k, v, extra)
+        pieces = []
+        for branch in self.branches:
+            p = branch.output(self.key, q, extra)
+            if p:
+                pieces.extend(p)
+        if not pieces:
+            return out
+        out = out.clone()
+        for start, end, g in pieces:
+            out[start:end] += g.to(out.dtype)
+        return out

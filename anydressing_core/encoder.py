@@ -1,0 +1,76 @@
+"""Hooks that turn a plain SD1.5-architecture UNet into GarmentsNet for one batched pass at t = 0.
+
+* capture (an attn1 pre-projection patch) keeps each layer's self-attention input after norm1: the garment features.
+* gfe_replace (an attn1 replacement) adds each row's slot LoRA to q/k/v (the Garment-Specific Feature Extractor),
+  so garments of different slots share one batched pass while each attends only to itself (eq. 4).
+* zero_cross_attention removes cross-attention (the paper excises it): its output is zeroed, so text has no effect.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .layers import LayerKey
+from .lora import SlotLoRAs
+
+SelfAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def extra_key(extra: dict) -> LayerKey:
+    block = extra["block"]
+    return (block[0], int(block[1]), int(extra.get("block_index", 0)))
+
+
+class GarmentEncodeHooks:
+    def __init__(self, row_slots: list[str], loras: SlotLoRAs, self_attention: SelfAttentionFn):
+        self.row_slots = list(row_slots)
+        self.loras = loras
+        self.self_attention = self_attention
+        self.captured: dict[LayerKey, torch.Tensor] = {}
+        self.grids: dict[LayerKey, tuple[int, int]] = {}
+        self._last_n: Optional[torch.Tensor] = None
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(self.row_slots):
+            groups.setdefault(s, []).append(i)
+        self.groups = groups
+
+    def capture(self, n, context, value, extra):
+        key = extra_key(extra)
+        self.captured[key] = n
+        shape = extra.get("activations_shape")
+        if shape is not None:
+            self.grids[key] = (int(shape[-2]), int(shape[-1]))
+        self._last_n = n
+        return n, context, value
+
+    def gfe_replace(self, q, k, v, extra):
+        key = extra_key(extra)
+        n = self._last_n
+        if n is None or n.shape[0] != q.shape[0]:
+            raise RuntimeError("GarmentsNet LoRA hook ran without the captured attention input")
+        qkv = {"q": q, "k": k, "v": v}
+        changed = {}
+        for slot, rows in self.groups.items():
+            layer = self.loras.get(slot, {}).get(key)
+            if not layer:
+                continue
+            idx = torch.tensor(rows, device=q.device)
+            n_rows = n.index_select(0, idx)
+            for name, lora in layer.items():
+                if name not in changed:
+                    changed[name] = qkv[name].clone()
+                changed[name].index_add_(0, idx, lora.delta(n_rows).to(q.dtype))
+        q, k, v = changed.get("q", q), changed.get("k", k), changed.get("v", v)
+        return self.self_attention(q, k, v, extra)
+
+
+def zero_cross_attention_replace(q, k, v, extra):
+    """Skip the cross-attention computation (its result is discarded below)."""
+    return torch.zeros_like(q)
+
+
+def zero_cross_attention_output(n, extra):
+    """Zero the cross-attention output after to_out (removes its bias too): no text reaches GarmentsNet."""
+    return torch.zeros_like(n)

@@ -1,0 +1,57 @@
+"""GARMENT_FEATURES: what GarmentsNet produced for one garment set, reused at every denoising step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .layers import LayerKey, sort_keys
+
+
+@dataclass
+class GarmentFeatures:
+    """The 16 self-attention inputs (after norm1) of every garment, concatenated per layer along tokens.
+
+    layers[key] is [1, L, C]; segments[key][k] is garment k's token range in it. dressing_weights[key] holds the
+    Dressing-Attention W_k'/W_v' loaded with the GarmentsNet (None: use the MODEL's own to_k/to_v, the paper's
+    initialisation, resolved when the MODEL is patched).
+    """
+
+    slots: list[str]
+    layers: dict[LayerKey, torch.Tensor]
+    segments: dict[LayerKey, list[tuple[int, int]]]
+    grids: dict[LayerKey, tuple[int, int]] = field(default_factory=dict)
+    dressing_weights: dict[LayerKey, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def count(self) -> int:
+        return len(self.slots)
+
+    def channels(self) -> dict[LayerKey, int]:
+        return {k: int(v.shape[-1]) for k, v in self.layers.items()}
+
+    def keys(self) -> list[LayerKey]:
+        return sort_keys(self.layers.keys())
+
+    def nbytes_per_garment(self) -> int:
+        total = sum(t.numel() * t.element_size() for t in self.layers.values())
+        return total // max(1, self.count)
+
+    @staticmethod
+    def from_batched(slots: list[str], captured: dict[LayerKey, torch.Tensor],
+                     grids: Optional[dict[LayerKey, tuple[int, int]]] = None, **kwargs) -> "GarmentFeatures":
+        """Build from per-layer captures [N, S, C] of one batched GarmentsNet pass (garment k = row k)."""
+        layers, segments = {}, {}
+        for key, t in captured.items():
+            n, s, c = t.shape
+            if n != len(slots):
+                raise ValueError(f"layer {key} captured {n} rows for {len(slots)} garments")
+            layers[key] = t.reshape(1, n * s, c)
+            segments[key] = [(i * s, (i + 1) * s) for i in range(n)]
+        return GarmentFeatures(slots=list(slots), layers=layers, segments=segments, grids=dict(grids or {}), **kwargs)
+
+    def __deepcopy__(self, memo):
+        return self  # immutable after creation; never duplicated by ModelPatcher.clone()

@@ -1,0 +1,48 @@
+"""Garment image preparation: any size or aspect ratio to the garment resolution GarmentsNet runs at."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, C] in [0, 1] -> RGB. Grayscale is repeated; RGBA is composited over white (garment backgrounds)."""
+    c = image.shape[-1]
+    if c == 3:
+        return image
+    if c == 1:
+        return image.repeat(1, 1, 1, 3)
+    if c == 4:
+        rgb, alpha = image[..., :3], image[..., 3:4]
+        return rgb * alpha + (1.0 - alpha)
+    raise ValueError(f"garment image has {c} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA)")
+
+
+def fit_and_pad(image: torch.Tensor, height: int, width: int, pad_value: float = 1.0) -> torch.Tensor:
+    """Scale [B, H, W, 3] to fit inside height x width keeping its aspect ratio, centre it, pad with white.
+
+    White padding matches the flat-lay backgrounds garments are photographed on, so padding adds no garment content.
+    """
+    b, h, w, c = image.shape
+    scale = min(height / h, width / w)
+    nh, nw = max(1, min(height, round(h * scale))), max(1, min(width, round(w * scale)))
+    x = image.permute(0, 3, 1, 2).float()
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=nh < h or nw < w)
+    out = torch.full((b, c, height, width), float(pad_value), dtype=x.dtype)
+    top, left = (height - nh) // 2, (width - nw) // 2
+    out[:, :, top:top + nh, left:left + nw] = x.clamp(0.0, 1.0)
+    return out.permute(0, 2, 3, 1)
+
+
+def prepare_garment(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Validate and convert one IMAGE batch to [B, height, width, 3] float32 in [0, 1]."""
+    if image.dim() != 4:
+        raise ValueError(f"expected an IMAGE tensor [B, H, W, C]; got shape {tuple(image.shape)}")
+    if image.shape[0] == 0:
+        raise ValueError("the garment image batch is empty")
+    image = image.float()
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError("the garment image contains NaN or infinite values")
+    return fit_and_pad(to_rgb(image.clamp(0.0, 1.0)), height, width)

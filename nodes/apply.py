@@ -1,0 +1,80 @@
+"""Patch a clone of the MODEL with Dressing-Attention on every self-attention layer."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..anydressing_core.branch import DressingBranch, DressingLayer
+from ..anydressing_core.features import GarmentFeatures
+from ..anydressing_core.layers import format_key
+from . import glue
+
+NODE = "Apply Dressing-Attention"
+
+
+def parse_weights(text: str, count: int) -> Optional[list[float]]:
+    """'' -> None (all 1); '1, 0.5' -> per-garment weights. The count must match the garments."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        values = [float(t) for t in text.replace(";", ",").split(",") if t.strip()]
+    except ValueError:
+        raise glue.NodeError(NODE, f"garment_weights {text!r} is not a comma-separated list of numbers, "
+                                   f"e.g. '1.0, 0.8'") from None
+    if len(values) != count:
+        raise glue.NodeError(NODE, f"garment_weights has {len(values)} value(s) for {count} garment(s); give one "
+                                   f"weight per garment in Encode Garments order, or leave it empty for all 1.0")
+    if any(not torch.isfinite(torch.tensor(v)) or v < 0 for v in values):
+        raise glue.NodeError(NODE, f"garment_weights must be finite and >= 0; got {values}")
+    return values
+
+
+def build_layers(features: GarmentFeatures, blocks: dict) -> dict:
+    """Match the features' layers to the MODEL's self-attention layers; refuse another model family."""
+    model_ch = glue.layer_channels(blocks)
+    feat_ch = features.channels()
+    mismatched = [k for k in model_ch if k in feat_ch and feat_ch[k] != model_ch[k]]
+    missing = [k for k in model_ch if k not in feat_ch]
+    if mismatched or missing or not feat_ch:
+        raise glue.NodeError(NODE, f"GARMENT_FEATURES from {features.source or 'Encode Garments'} do not fit this "
+                                   f"MODEL (features: {glue.describe_channels(feat_ch)}; MODEL self-attention: "
+                                   f"{glue.describe_channels(model_ch)}): they were made for another model family. "
+                                   f"Encode the garments with a GarmentsNet of the same family as the MODEL")
+    layers = {}
+    for key, block in blocks.items():
+        wk, wv = features.dressing_weights.get(key, (None, None))
+        c = model_ch[key]
+        for name, w in (("W_k'", wk), ("W_v'", wv)):
+            if w is not None and tuple(w.shape) != (c, c):
+                raise glue.NodeError(NODE, f"{features.source}: Dressing-Attention {name} of layer {format_key(key)} "
+                                           f"is {tuple(w.shape)}, the MODEL layer needs ({c}, {c})")
+        # Absent W_k'/W_v': the paper's initialisation, the MODEL's own to_k/to_v as loaded for sampling (LoRA included)
+        layers[key] = DressingLayer(features=features.layers[key], segments=features.segments[key],
+                                    key_proj=wk if wk is not None else block.attn1.to_k,
+                                    value_proj=wv if wv is not None else block.attn1.to_v)
+    return layers
+
+
+def apply(model: Any, features: GarmentFeatures, strength: float, weights_text: str, start_percent: float,
+          end_percent: float, include_uncond: bool, masks: Optional[torch.Tensor]) -> Any:
+    if not isinstance(features, GarmentFeatures):
+        raise glue.NodeError(NODE, "garment_features must come from an Encode Garments node")
+    if start_percent > end_percent:
+        raise glue.NodeError(NODE, f"start_percent ({start_percent}) is after end_percent ({end_percent}); "
+                                   f"set start_percent <= end_percent")
+    weights = parse_weights(weights_text, features.count)
+    if masks is not None and masks.shape[0] != features.count:
+        raise glue.NodeError(NODE, f"garment_masks has {masks.shape[0]} mask(s) for {features.count} garment(s) "
+                                   f"({', '.join(features.slots)}); give one mask per garment, in order")
+    m = model.clone()
+    blocks = glue.self_attention_layers(m.model.diffusion_model)
+    layers = build_layers(features, blocks)
+    branch = DressingBranch(layers, strength=strength, weights=weights, masks=masks,
+                            sigma_start=glue.percent_to_sigma(m, start_percent),
+                            sigma_end=glue.percent_to_sigma(m, end_percent),
+                            include_uncond=include_uncond, attention=glue.garment_attention_fn)
+    glue.install_branch(m, branch, list(layers))
+    return m

@@ -1,0 +1,78 @@
+"""Run GarmentsNet once at t=0 over all garments in one batched pass and keep the GARMENT_FEATURES."""
+
+from __future__ import annotations
+
+import torch
+
+from ..anydressing_core.encoder import (GarmentEncodeHooks, zero_cross_attention_output,
+                                        zero_cross_attention_replace)
+from ..anydressing_core.features import GarmentFeatures
+from ..anydressing_core.layers import format_key
+from . import glue
+from .garments_net import GarmentsNet
+
+NODE = "Encode Garments"
+
+# How many times GarmentsNet has run in this process (reported in the log; lets tests see cache hits).
+ENCODE_RUNS = {"count": 0}
+
+
+def check_loras(gnet: GarmentsNet, channels: dict) -> None:
+    for slot, layers in gnet.loras.items():
+        for key, projs in layers.items():
+            if key not in channels:
+                raise glue.NodeError(NODE, f"{gnet.source}: LoRA for slot {slot!r} names layer {format_key(key)}, "
+                                           f"which this GarmentsNet does not have")
+            for proj, lora in projs.items():
+                c = channels[key]
+                if lora.down.shape[1] != c or lora.up.shape[0] != c:
+                    raise glue.NodeError(NODE, f"{gnet.source}: LoRA for slot {slot!r} layer {format_key(key)} "
+                                               f"to_{proj} is for width {lora.down.shape[1]}, the layer has {c}")
+
+
+def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str]) -> GarmentFeatures:
+    """latents: raw VAE latents [N, 4, h, w]; row k is garment k with slot row_slots[k]."""
+    patcher = gnet.patcher
+    glue.load_for_inference([patcher])
+    model = patcher.model
+    dm = model.diffusion_model
+    blocks = glue.self_attention_layers(dm)
+    if not blocks:
+        raise glue.NodeError(NODE, f"GarmentsNet {gnet.source} has no self-attention layers to take features from")
+    channels = glue.layer_channels(blocks)
+    check_loras(gnet, channels)
+    for slot in sorted(set(row_slots)):
+        if gnet.loras and slot not in gnet.loras:
+            glue.warn(f"{NODE}: {gnet.source} has no GFE LoRA for slot {slot!r} (it has: {', '.join(gnet.slots)}); "
+                      f"that garment is encoded with the base weights")
+
+    device = patcher.load_device
+    dtype = glue.compute_dtype(model)
+    x = model.process_latent_in(latents.to(torch.float32)).to(device=device, dtype=dtype)
+    n = x.shape[0]
+    context_dim = int(model.model_config.unet_config.get("context_dim", 768))
+    context = torch.zeros((n, 1, context_dim), device=device, dtype=dtype)
+    timesteps = torch.zeros((n,), device=device, dtype=torch.float32)
+
+    hooks = GarmentEncodeHooks(row_slots, gnet.loras, glue.self_attention)
+    transformer_options = {
+        "patches": {"attn1_patch": [hooks.capture], "attn2_output_patch": [zero_cross_attention_output]},
+        "patches_replace": {"attn2": {k: zero_cross_attention_replace for k in blocks}},
+    }
+    if any(slot in gnet.loras for slot in row_slots):
+        transformer_options["patches_replace"]["attn1"] = {k: hooks.gfe_replace for k in blocks}
+    with torch.no_grad():
+        dm(x, timesteps=timesteps, context=context, transformer_options=transformer_options)
+    ENCODE_RUNS["count"] += 1
+
+    missing = [format_key(k) for k in blocks if k not in hooks.captured]
+    if missing:
+        raise glue.NodeError(NODE, f"GarmentsNet pass did not reach layers {', '.join(missing)}")
+    store = glue.intermediate_device()
+    captured = {k: hooks.captured[k].to(store) for k in blocks}
+    dressing = {k: (d.get("k"), d.get("v")) for k, d in gnet.dressing.items()}
+    feats = GarmentFeatures.from_batched(row_slots, captured, hooks.grids, dressing_weights=dressing,
+                                         source=gnet.source)
+    glue.info(f"{NODE}: encoded {n} garment(s) ({', '.join(row_slots)}) with {gnet.source}: {len(blocks)} layers, "
+              f"{feats.nbytes_per_garment() / 2**20:.1f} MiB per garment")
+    return feats

@@ -1,0 +1,141 @@
+"""GARMENTS_NET: a ComfyUI ModelPatcher holding the garment UNet, plus its per-slot LoRA and Dressing-Attention weights."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+import comfy.model_detection
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.supported_models
+import comfy.utils
+
+from ..anydressing_core.layers import LayerKey
+from ..anydressing_core.lora import SlotLoRAs
+from ..anydressing_core.native_format import FormatError, NativeContents, read_native
+from .glue import NodeError
+
+NODE = "Load GarmentsNet"
+TRAINING_FREE = "training-free"
+
+
+@dataclass
+class GarmentsNet:
+    """What Encode Garments needs: the UNet to run at t=0, the GFE LoRA per slot, and W_k'/W_v' per layer."""
+
+    patcher: Any  # comfy.model_patcher.ModelPatcher
+    loras: SlotLoRAs = field(default_factory=dict)
+    dressing: dict[LayerKey, dict[str, torch.Tensor]] = field(default_factory=dict)
+    source: str = TRAINING_FREE
+
+    @property
+    def slots(self) -> list[str]:
+        return sorted(self.loras)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _is_sd15_family(cfg: dict) -> bool:
+    return (cfg.get("context_dim") == 768 and not cfg.get("use_linear_in_transformer", False)
+            and cfg.get("adm_in_channels") is None and cfg.get("in_channels") == 4
+            and list(cfg.get("channel_mult", [])) == [1, 2, 4, 4])
+
+
+def _diffusers_unet_config(sd: dict[str, torch.Tensor]) -> dict:
+    """SD1.5 topology with the widths read from a diffusers-named UNet (so small test nets load the same way)."""
+    try:
+        model_channels = int(sd["conv_in.weight"].shape[0])
+        in_channels = int(sd["conv_in.weight"].shape[1])
+        context_dim = int(sd["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape[1])
+        linear = sd["down_blocks.0.attentions.0.proj_in.weight"].dim() == 2
+    except KeyError as e:
+        raise FormatError(f"diffusers UNet lacks {e.args[0]}; not an SD1.5-architecture UNet") from None
+    return {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+            "adm_in_channels": None, "in_channels": in_channels, "out_channels": 4, "model_channels": model_channels,
+            "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "channel_mult": [1, 2, 4, 4],
+            "transformer_depth_middle": 1, "use_linear_in_transformer": linear, "context_dim": context_dim,
+            "use_temporal_resblock": False, "use_temporal_attention": False}
+
+
+def build_unet_patcher(unet: dict[str, torch.Tensor], naming: str, name: str,
+                       base_model: Optional[Any] = None) -> Any:
+    """Build a GarmentsNet ModelPatcher from UNet weights (ldm or diffusers naming), SD1.5 architecture.
+
+    Keys the file lacks are taken from the base MODEL when one is connected (a partial fine-tune), else refused.
+    """
+    sd = dict(unet)
+    if naming == "diffusers":
+        cfg = _diffusers_unet_config(sd)
+        mapping = comfy.utils.unet_to_diffusers(cfg)
+        sd = {mapping[k]: v for k, v in sd.items() if k in mapping}
+    else:
+        cfg = comfy.model_detection.detect_unet_config(sd, "")
+    if cfg is None or not _is_sd15_family(cfg):
+        found = {k: cfg.get(k) for k in ("context_dim", "use_linear_in_transformer", "adm_in_channels",
+                                         "in_channels", "channel_mult")} if cfg else {}
+        raise NodeError(NODE, f"{name}: the GarmentsNet UNet is not SD1.5-architecture ({found}); "
+                              f"AnyDressing GarmentsNet needs an SD1.5-family UNet (context 768, 4 latent channels)")
+    model_config = comfy.supported_models.SD15(cfg)
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    params = sum(v.numel() for v in sd.values())
+    dtype = mm.unet_dtype(model_params=params, supported_dtypes=list(model_config.supported_inference_dtypes))
+    manual = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(dtype, manual)
+    model = model_config.get_model({}, "")
+    model = model.to(offload_device)
+    expected = model.diffusion_model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected:
+        raise NodeError(NODE, f"{name}: GarmentsNet weights do not fit an SD1.5 UNet; unexpected keys: "
+                              f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    if missing:
+        if base_model is None:
+            raise NodeError(NODE, f"{name} holds a partial GarmentsNet ({len(missing)} of {len(expected)} UNet "
+                                  f"tensors missing, e.g. {missing[0]}); connect the base MODEL to the 'model' input "
+                                  f"so the missing weights come from it")
+        base_sd = base_model.model.diffusion_model.state_dict()
+        for k in missing:
+            if k not in base_sd or base_sd[k].shape != expected[k].shape:
+                raise NodeError(NODE, f"{name}: the connected MODEL cannot supply {k} (different architecture)")
+            sd[k] = base_sd[k]
+    for k, v in sd.items():
+        if v.shape != expected[k].shape:
+            raise NodeError(NODE, f"{name}: {k} has shape {tuple(v.shape)}, the UNet expects {tuple(expected[k].shape)}")
+    model.diffusion_model.load_state_dict(sd, strict=True)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def from_contents(contents: NativeContents, name: str, base_model: Optional[Any]) -> GarmentsNet:
+    if contents.unet:
+        patcher = build_unet_patcher(contents.unet, contents.unet_naming or "ldm", name, base_model)
+    elif base_model is not None:
+        patcher = base_model.clone()  # shares the weights: no extra copy in memory
+    else:
+        raise NodeError(NODE, f"{name} holds no GarmentsNet UNet weights (only LoRA / Dressing-Attention weights), "
+                              f"so GarmentsNet is the base MODEL's UNet: connect your checkpoint's MODEL to the "
+                              f"'model' input")
+    return GarmentsNet(patcher=patcher, loras=contents.loras, dressing=contents.dressing, source=name)
+
+
+def load(choice: str, path: Optional[str], base_model: Optional[Any]) -> GarmentsNet:
+    if choice == TRAINING_FREE:
+        if base_model is None:
+            raise NodeError(NODE, "'training-free' uses the base MODEL's own UNet as GarmentsNet: connect your "
+                                  "checkpoint's MODEL to the 'model' input, or pick a GarmentsNet file")
+        return GarmentsNet(patcher=base_model.clone(), source=TRAINING_FREE)
+    if path is None or not os.path.isfile(path):
+        raise NodeError(NODE, f"GarmentsNet file {choice!r} not found (expected at {path or choice}); put it in "
+                              f"ComfyUI/models/anydressing/ and refresh")
+    try:
+        contents = read_native(path)
+    except FormatError as e:
+        raise NodeError(NODE, f"{e}") from None
+    return from_contents(contents, os.path.basename(path), base_model)

@@ -1,0 +1,144 @@
+"""The glue between the plain-torch core and ComfyUI: attention functions, layer discovery, patching, wrappers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.patcher_extension
+
+from ..anydressing_core.branch import RUN_CACHE_KEY, DressingAttentionReplace, DressingBranch, RunCache
+from ..anydressing_core.layers import LayerKey, format_key, is_layer_path, key_from_path, sort_keys
+
+LOG = logging.getLogger("AnyDressing")
+WRAPPER_KEY = "anydressing"
+
+
+class NodeError(Exception):
+    """An error the user can act on. The message names the node, the input and the fix."""
+
+    def __init__(self, node: str, message: str):
+        super().__init__(f"[AnyDressing] {node}: {message}")
+
+
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
+    """ComfyUI's own attention for the layer (whatever backend it picked, with overrides from transformer_options)."""
+    return comfy_attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+                                               transformer_options=extra)
+
+
+def garment_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """ComfyUI's attention for the garment branch of eq. 6 (one softmax over all garment tokens)."""
+    return comfy_attention.optimized_attention(q, k, v, heads)
+
+
+def self_attention_layers(diffusion_model: torch.nn.Module) -> dict[LayerKey, torch.nn.Module]:
+    """Every self-attention transformer block, found by walking the model (no hard-coded list).
+
+    Returns layer key -> BasicTransformerBlock, keyed the way ComfyUI's attn1 patches are looked up.
+    """
+    found: dict[LayerKey, torch.nn.Module] = {}
+    for name, module in diffusion_model.named_modules():
+        if not isinstance(module, comfy_attention.BasicTransformerBlock):
+            continue
+        if getattr(module, "disable_self_attn", False) or not is_layer_path(name):
+            continue
+        found[key_from_path(name)] = module
+    return {k: found[k] for k in sort_keys(found)}
+
+
+def layer_channels(blocks: dict[LayerKey, torch.nn.Module]) -> dict[LayerKey, int]:
+    return {k: int(b.attn1.to_k.in_features) for k, b in blocks.items()}
+
+
+def describe_channels(ch: dict[LayerKey, int], limit: int = 4) -> str:
+    items = [f"{format_key(k)}={c}" for k, c in list(ch.items())[:limit]]
+    return ", ".join(items) + (", ..." if len(ch) > limit else "")
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype ComfyUI runs this BaseModel in (its manual-cast dtype when weights are stored in another)."""
+    return model.manual_cast_dtype if getattr(model, "manual_cast_dtype", None) is not None else model.get_dtype()
+
+
+def run_cache_wrapper(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: one RunCache per sampling run (garment K'/V' and resized masks), dropped at its end.
+
+    The guider's model_options are swapped for a copy for the duration of the run, so the MODEL keeps no state.
+    """
+    guider = executor.class_obj
+    original = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+    cache = RunCache()
+    guider.model_options.setdefault("transformer_options", {})[RUN_CACHE_KEY] = cache
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        cache.clear()
+        guider.model_options = original
+
+
+def install_branch(model_patcher, branch: DressingBranch, keys: list[LayerKey]) -> None:
+    """Add `branch` to the attn1 replacement of every layer in `keys` on an already cloned ModelPatcher.
+
+    Our own replacement on a layer gets one more branch (copy-on-write); another pack's replacement is kept and called.
+    """
+    to = model_patcher.model_options.setdefault("transformer_options", {})
+    existing = to.get("patches_replace", {}).get("attn1", {})
+    for key in keys:
+        current = existing.get(key)
+        if current is None:
+            current = existing.get((key[0], key[1]))  # a 2-tuple entry applies to every block index
+        if isinstance(current, DressingAttentionReplace):
+            replace = current.with_branch(branch)
+        else:
+            replace = DressingAttentionReplace(key, self_attention, previous=current, branches=[branch])
+        model_patcher.set_model_attn1_replace(replace, key[0], key[1], key[2])
+    model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, run_cache_wrapper)
+
+
+def dressing_replaces(model_patcher) -> dict[LayerKey, DressingAttentionReplace]:
+    to = model_patcher.model_options.get("transformer_options", {})
+    return {k: v for k, v in to.get("patches_replace", {}).get("attn1", {}).items()
+            if isinstance(v, DressingAttentionReplace)}
+
+
+def load_device_of(patcher) -> torch.device:
+    return patcher.load_device
+
+
+def intermediate_device() -> torch.device:
+    return mm.intermediate_device()
+
+
+def load_for_inference(patchers: list) -> None:
+    mm.load_models_gpu(patchers)
+
+
+def optional_model_sampling(model_patcher):
+    try:
+        return model_patcher.get_model_object("model_sampling")
+    except Exception:
+        return None
+
+
+def percent_to_sigma(model_patcher, percent: float) -> float:
+    ms = optional_model_sampling(model_patcher)
+    if ms is None:
+        return float("inf") if percent <= 0 else 0.0
+    return float(ms.percent_to_sigma(percent))
+
+
+def warn(msg: str) -> None:
+    LOG.warning("[AnyDressing] %s", msg)
+
+
+def info(msg: str) -> None:
+    LOG.info("[AnyDressing] %s", msg)
+

@@ -1,0 +1,180 @@
+"""Test-only node pack: tiny SD1.5-architecture MODEL / VAE, random conditioning and garments, capture nodes.
+
+Loaded by the host tests through ComfyUI's own custom-node loader, next to the AnyDressing pack.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import adtest_tiny as tiny  # noqa: E402
+
+STORE = tiny.STORE
+CALLS = tiny.CALLS
+
+
+class TinyModel:
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0}), "model_channels": ("INT", {"default": 32})}}
+
+    def run(self, seed, model_channels):
+        return (tiny.tiny_model_patcher(seed, model_channels),)
+
+
+class TinyVAE:
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("VAE",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    def run(self, seed):
+        return (tiny.tiny_vae(seed),)
+
+
+class RandomConditioning:
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    def run(self, seed):
+        g = torch.Generator().manual_seed(seed)
+        return ([[torch.randn((1, 77, 768), generator=g), {}]],)
+
+
+class GarmentImage:
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0}), "width": ("INT", {"default": 48}),
+                             "height": ("INT", {"default": 64})}}
+
+    def run(self, seed, width, height):
+        return (tiny.garment_image(seed, width, height),)
+
+
+class BoxMask:
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("MASK",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        f = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0})
+        return {"required": {"width": ("INT", {"default": 64}), "height": ("INT", {"default": 64}), "x0": f,
+                             "y0": f, "x1": f, "y1": f, "value": ("FLOAT", {"default": 1.0})}}
+
+    def run(self, width, height, x0, y0, x1, y1, value):
+        m = torch.zeros((1, height, width))
+        m[:, int(round(y0 * height)):int(round(y1 * height)), int(round(x0 * width)):int(round(x1 * width))] = value
+        return (m,)
+
+
+class CaptureLatent:
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": "out"}), "samples": ("LATENT",)}}
+
+    def run(self, key, samples):
+        STORE[key] = samples["samples"].clone()
+        return {}
+
+
+class CaptureModel:
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": "model"}), "model": ("MODEL",)}}
+
+    def run(self, key, model):
+        STORE[key] = model
+        return {}
+
+
+class ForeignAttn1:
+    """Installs an attn1 replacement the way another pack would: scaled self-attention that counts its calls."""
+
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "scale": ("FLOAT", {"default": 0.5})}}
+
+    def run(self, model, scale):
+        import comfy.ldm.modules.attention as attn
+
+        def replace(q, k, v, extra):
+            CALLS["foreign_attn1"] += 1
+            return attn.optimized_attention(q, k, v, extra["n_heads"]) * scale
+
+        m = model.clone()
+        for name, module in m.model.diffusion_model.named_modules():
+            if isinstance(module, attn.BasicTransformerBlock):
+                parts = name.split(".")
+                block = {"input_blocks": "input", "output_blocks": "output", "middle_block": "middle"}[parts[0]]
+                m.set_model_attn1_replace(replace, block, 0 if block == "middle" else int(parts[1]), int(parts[-1]))
+        return (m,)
+
+
+class AddLoRA:
+    """Adds a random LoRA-style weight patch to every attn1.to_k/to_v, the way ComfyUI's LoraLoader patches weights."""
+
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "seed": ("INT", {"default": 0}), "strength": ("FLOAT", {"default": 1.0})}}
+
+    def run(self, model, seed, strength):
+        g = torch.Generator().manual_seed(seed)
+        m = model.clone()
+        patches = {}
+        for k, w in m.model.state_dict().items():
+            if ".attn1.to_k." in k or ".attn1.to_v." in k:
+                patches[k] = (0.2 * torch.randn(w.shape, generator=g),)
+        m.add_patches(patches, strength)
+        return (m,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "ADTestTinyModel": TinyModel,
+    "ADTestTinyVAE": TinyVAE,
+    "ADTestConditioning": RandomConditioning,
+    "ADTestGarmentImage": GarmentImage,
+    "ADTestBoxMask": BoxMask,
+    "ADTestCaptureLatent": CaptureLatent,
+    "ADTestCaptureModel": CaptureModel,
+    "ADTestForeignAttn1": ForeignAttn1,
+    "ADTestAddLoRA": AddLoRA,
+}

@@ -1,0 +1,59 @@
+"""API-format prompts for the host tests (tiny models through the real executor)."""
+
+from __future__ import annotations
+
+
+def dressing_prompt(*, strength: float = 0.7, garments=((1, "upper"), (2, "lower")), seed: int = 0,
+                    latent_w: int = 64, latent_h: int = 64, cfg: float = 5.0, steps: int = 2, masks=None,
+                    weights: str = "", include_uncond: bool = False, gnet_name: str = "training-free",
+                    capture_key: str = "out", patched: bool = True, extra_apply=None, pre_model=None,
+                    garment_size=(48, 64), start=0.0, end=1.0, sampler="euler") -> dict:
+    """A graph of the four nodes plus KSampler. garments: (image seed, slot) per garment; masks: list of boxes."""
+    p: dict = {
+        "model": {"class_type": "ADTestTinyModel", "inputs": {"seed": 0, "model_channels": 32}},
+        "vae": {"class_type": "ADTestTinyVAE", "inputs": {"seed": 0}},
+        "pos": {"class_type": "ADTestConditioning", "inputs": {"seed": 1}},
+        "neg": {"class_type": "ADTestConditioning", "inputs": {"seed": 2}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": latent_w, "height": latent_h, "batch_size": 1}},
+    }
+    base_model = ["model", 0]
+    if pre_model:
+        for nid, node in pre_model.items():
+            p[nid] = node
+        base_model = [list(pre_model)[-1], 0]
+    model_ref = base_model
+    if patched:
+        p["gnet"] = {"class_type": "AnyDressingLoadGarmentsNet",
+                     "inputs": {"garments_net_name": gnet_name, "model": base_model}}
+        enc = {"garments_net": ["gnet", 0], "vae": ["vae", 0], "width": garment_size[0], "height": garment_size[1]}
+        for i, (img_seed, slot) in enumerate(garments, start=1):
+            p[f"img{i}"] = {"class_type": "ADTestGarmentImage",
+                            "inputs": {"seed": img_seed, "width": 40 + 8 * i, "height": 64}}
+            enc[f"image_{i}"] = [f"img{i}", 0]
+            enc[f"slot_{i}"] = slot
+        p["encode"] = {"class_type": "AnyDressingEncodeGarments", "inputs": enc}
+        apply = {"model": base_model, "garment_features": ["encode", 0], "strength": strength,
+                 "garment_weights": weights, "start_percent": start, "end_percent": end,
+                 "apply_to_uncond": include_uncond}
+        if masks is not None:
+            gm = {}
+            for i, box in enumerate(masks, start=1):
+                x0, y0, x1, y1, value = box
+                p[f"mask{i}"] = {"class_type": "ADTestBoxMask",
+                                 "inputs": {"width": latent_w, "height": latent_h, "x0": x0, "y0": y0, "x1": x1,
+                                            "y1": y1, "value": value}}
+                gm[f"mask_{i}"] = [f"mask{i}", 0]
+            p["masks"] = {"class_type": "AnyDressingGarmentMasks", "inputs": gm}
+            apply["garment_masks"] = ["masks", 0]
+        p["apply"] = {"class_type": "AnyDressingApplyDressingAttention", "inputs": apply}
+        model_ref = ["apply", 0]
+        if extra_apply:
+            for nid, node in extra_apply(model_ref).items():
+                p[nid] = node
+            model_ref = [list(extra_apply(model_ref))[-1], 0]
+    p["sampler"] = {"class_type": "KSampler",
+                    "inputs": {"model": model_ref, "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
+                               "scheduler": "normal", "positive": ["pos", 0], "negative": ["neg", 0],
+                               "latent_image": ["latent", 0], "denoise": 1.0}}
+    p["capture"] = {"class_type": "ADTestCaptureLatent", "inputs": {"key": capture_key, "samples": ["sampler", 0]}}
+    return p

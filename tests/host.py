@@ -1,0 +1,156 @@
+"""Find and boot the real ComfyUI host, once per process, for the host tests.
+
+Search order: $COMFYUI_PATH, the ComfyUI whose custom_nodes/ contains this pack, ~/ComfyUI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parent.parent
+SHIMS = Path(__file__).resolve().parent / "shims"
+FIXTURE_PACK = Path(__file__).resolve().parent / "fixture_pack"
+PACK_LINK_NAME = "ComfyUI-AnyDressing"
+
+
+def _is_comfyui(path: Path) -> bool:
+    return (path / "comfy" / "model_patcher.py").is_file() and (path / "execution.py").is_file()
+
+
+def find_comfyui() -> Optional[Path]:
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        p = Path(env).expanduser().resolve()
+        return p if _is_comfyui(p) else None
+    parent = REPO.parent
+    if parent.name == "custom_nodes" and _is_comfyui(parent.parent):
+        return parent.parent
+    home = Path.home() / "ComfyUI"
+    if _is_comfyui(home):
+        return home
+    return None
+
+
+def why_no_host() -> str:
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        return f"COMFYUI_PATH={env} is not a ComfyUI checkout (no comfy/model_patcher.py)"
+    return ("no ComfyUI found (set COMFYUI_PATH, install the pack in ComfyUI/custom_nodes, or put ComfyUI in "
+            "~/ComfyUI); host tests skipped")
+
+
+def add_shims_if_needed() -> None:
+    """Use the import-only torchvision/torchaudio stand-ins only where the real packages are absent."""
+    missing = [m for m in ("torchvision", "torchaudio") if importlib.util.find_spec(m) is None]
+    if missing and str(SHIMS) not in sys.path:
+        sys.path.append(str(SHIMS))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(SHIMS)]))
+
+
+class Host:
+    """A booted ComfyUI in this process: its modules, a base directory and an executor helper."""
+
+    def __init__(self, root: Path, base: Path):
+        self.root = root
+        self.base = base
+        import execution
+        import folder_paths
+        import nodes
+
+        self.nodes = nodes
+        self.execution = execution
+        self.folder_paths = folder_paths
+        self.events: list[tuple[str, dict]] = []
+        self._executor = None
+
+    @property
+    def models_dir(self) -> Path:
+        return self.base / "models"
+
+    def anydressing_dir(self) -> Path:
+        p = self.models_dir / "anydressing"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    # a minimal stand-in for PromptServer: the executor only calls these
+    class _Server:
+        def __init__(self, events):
+            self.client_id = "anydressing-tests"
+            self.last_node_id = None
+            self.last_prompt_id = None
+            self.sockets_metadata = {}
+            self._events = events
+
+        def send_sync(self, event, data, sid=None):
+            self._events.append((event, data))
+
+        def queue_updated(self):
+            pass
+
+    def executor(self, fresh: bool = False):
+        if self._executor is None or fresh:
+            self._executor = self.execution.PromptExecutor(self._Server(self.events),
+                                                           cache_type=self.execution.CacheType.CLASSIC)
+        return self._executor
+
+    def run(self, prompt: dict, fresh: bool = False) -> dict:
+        """Validate and execute an API-format prompt; returns {'executed': [...], 'cached': [...], 'error': ...}."""
+        import uuid
+
+        pid = str(uuid.uuid4())
+        valid = asyncio.run(self.execution.validate_prompt(pid, prompt, None))
+        if not valid[0]:
+            raise AssertionError(f"prompt invalid: {valid[1]} {valid[3]}")
+        ex = self.executor(fresh)
+        start = len(self.events)
+        ex.execute(prompt, pid, {"client_id": "anydressing-tests"}, valid[2])
+        events = self.events[start:]
+        cached = [n for e, d in events if e == "execution_cached" for n in d.get("nodes", [])]
+        executed = [d.get("node") for e, d in events if e == "executing" and d.get("node") is not None]
+        errors = [d for e, d in events if e == "execution_error"]
+        return {"success": ex.success, "executed": executed, "cached": cached, "errors": errors,
+                "outputs": ex.history_result.get("outputs", {}) if ex.history_result else {}}
+
+
+_HOST: Optional[Host] = None
+
+
+def boot() -> Host:
+    """Boot ComfyUI in this process (once): --cpu before comfy.model_management is imported, then load packs."""
+    global _HOST
+    if _HOST is not None:
+        return _HOST
+    root = find_comfyui()
+    if root is None:
+        raise RuntimeError(why_no_host())
+    add_shims_if_needed()
+    base = Path(tempfile.mkdtemp(prefix="anydressing-host-"))
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK_LINK_NAME).symlink_to(REPO, target_is_directory=True)
+    (base / "custom_nodes" / "anydressing_test_fixtures").symlink_to(FIXTURE_PACK, target_is_directory=True)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    saved = sys.argv
+    sys.argv = ["main.py", "--cpu", "--use-pytorch-cross-attention", "--base-directory", str(base),
+                "--database-url", "sqlite:///:memory:"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401  (parses our argv now)
+    finally:
+        sys.argv = saved
+    import utils.extra_config  # noqa: F401  (ComfyUI's own utils package, before nodes shadows it)
+    import folder_paths
+    import nodes
+
+    assert os.path.samefile(folder_paths.base_path, base), folder_paths.base_path
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    _HOST = Host(root, base)
+    return _HOST
