@@ -191,15 +191,15 @@ def write_native(path: str, *, unet: Optional[dict[str, torch.Tensor]] = None,
     for k, t in (unet or {}).items():
         tensors[UNET_PREFIX + k] = t
     for slot, layers in (loras or {}).items():
-        for path, projs in layers.items():
+        for layer_path, projs in layers.items():
             for proj, (down, up, alpha) in projs.items():
-                base = f"{GFE_PREFIX}{slot}.{path}.attn1.to_{proj}"
+                base = f"{GFE_PREFIX}{slot}.{layer_path}.attn1.to_{proj}"
                 tensors[base + ".lora_down.weight"] = down
                 tensors[base + ".lora_up.weight"] = up
                 tensors[base + ".alpha"] = torch.tensor(float(alpha))
-    for path, (wk, wv) in (dressing or {}).items():
-        tensors[f"{DRESSING_PREFIX}{path}.attn1.to_k.weight"] = wk
-        tensors[f"{DRESSING_PREFIX}{path}.attn1.to_v.weight"] = wv
+    for layer_path, (wk, wv) in (dressing or {}).items():
+        tensors[f"{DRESSING_PREFIX}{layer_path}.attn1.to_k.weight"] = wk
+        tensors[f"{DRESSING_PREFIX}{layer_path}.attn1.to_v.weight"] = wv
     metadata = {"anydressing_format": FORMAT_VERSION, "slots": json.dumps(sorted((loras or {}).keys()))}
     metadata.update(extra_metadata or {})
     save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)

@@ -7,14 +7,14 @@ def dressing_prompt(*, strength: float = 0.7, garments=((1, "upper"), (2, "lower
                     latent_w: int = 64, latent_h: int = 64, cfg: float = 5.0, steps: int = 2, masks=None,
                     weights: str = "", include_uncond: bool = False, gnet_name: str = "training-free",
                     capture_key: str = "out", patched: bool = True, extra_apply=None, pre_model=None,
-                    garment_size=(48, 64), start=0.0, end=1.0, sampler="euler") -> dict:
+                    garment_size=(48, 64), start=0.0, end=1.0, sampler="euler", batch: int = 1) -> dict:
     """A graph of the four nodes plus KSampler. garments: (image seed, slot) per garment; masks: list of boxes."""
     p: dict = {
         "model": {"class_type": "ADTestTinyModel", "inputs": {"seed": 0, "model_channels": 32}},
         "vae": {"class_type": "ADTestTinyVAE", "inputs": {"seed": 0}},
         "pos": {"class_type": "ADTestConditioning", "inputs": {"seed": 1}},
         "neg": {"class_type": "ADTestConditioning", "inputs": {"seed": 2}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": latent_w, "height": latent_h, "batch_size": 1}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": latent_w, "height": latent_h, "batch_size": batch}},
     }
     base_model = ["model", 0]
     if pre_model:
@@ -26,9 +26,10 @@ def dressing_prompt(*, strength: float = 0.7, garments=((1, "upper"), (2, "lower
         p["gnet"] = {"class_type": "AnyDressingLoadGarmentsNet",
                      "inputs": {"garments_net_name": gnet_name, "model": base_model}}
         enc = {"garments_net": ["gnet", 0], "vae": ["vae", 0], "width": garment_size[0], "height": garment_size[1]}
-        for i, (img_seed, slot) in enumerate(garments, start=1):
-            p[f"img{i}"] = {"class_type": "ADTestGarmentImage",
-                            "inputs": {"seed": img_seed, "width": 40 + 8 * i, "height": 64}}
+        for i, garment in enumerate(garments, start=1):
+            img_seed, slot = garment[0], garment[1]
+            w, h = garment[2:4] if len(garment) >= 4 else (48, 64)
+            p[f"img{i}"] = {"class_type": "ADTestGarmentImage", "inputs": {"seed": img_seed, "width": w, "height": h}}
             enc[f"image_{i}"] = [f"img{i}", 0]
             enc[f"slot_{i}"] = slot
         p["encode"] = {"class_type": "AnyDressingEncodeGarments", "inputs": enc}

@@ -69,6 +69,11 @@ class Host:
         self.events: list[tuple[str, dict]] = []
         self._executor = None
 
+    def pack_module(self, name: str):
+        """A module of the AnyDressing pack as ComfyUI imported it (e.g. 'nodes.encode')."""
+        pack = os.path.join(str(self.base / "custom_nodes"), PACK_LINK_NAME).replace(".", "_x_")
+        return sys.modules[f"{pack}.{name}"]
+
     @property
     def models_dir(self) -> Path:
         return self.base / "models"
@@ -151,6 +156,20 @@ def boot() -> Host:
     import nodes
 
     assert os.path.samefile(folder_paths.base_path, base), folder_paths.base_path
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    keep = _Keep(level=logging.WARNING)
+    logging.getLogger().addHandler(keep)
+    try:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    finally:
+        logging.getLogger().removeHandler(keep)
     _HOST = Host(root, base)
+    _HOST.boot_warnings = [r.getMessage() for r in records]
     return _HOST

@@ -1,0 +1,231 @@
+"""Host-free: the garment branch of Dressing-Attention against an explicit per-query softmax reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from anydressing_core.attention import attention_with_lse, garment_attention, sdpa_attention
+from anydressing_core.branch import DressingAttentionReplace, DressingBranch, DressingLayer
+
+HEADS = 2
+
+
+def reference(q, keys, values, heads, segments, weights=None, masks=None):
+    """decisions.md, literally: per query and head, softmax over the visible garments' tokens only (float64)."""
+    b, lq, c = q.shape
+    d = c // heads
+    n = len(segments)
+    w = [1.0] * n if weights is None else list(weights)
+    out = torch.zeros(b, lq, c, dtype=torch.float64)
+    q64, k64, v64 = q.double(), keys.double().expand(b, -1, -1), values.double().expand(b, -1, -1)
+    for bi in range(b):
+        for qi in range(lq):
+            mv = [1.0] * n if masks is None else [float(masks[k, qi]) for k in range(n)]
+            visible = [k for k in range(n) if mv[k] > 0]
+            if not visible:
+                continue
+            for h in range(heads):
+                sl = slice(h * d, (h + 1) * d)
+                toks = [j for k in visible for j in range(*segments[k])]
+                s = torch.stack([q64[bi, qi, sl] @ k64[bi, j, sl] / math.sqrt(d) for j in toks])
+                p = torch.softmax(s, dim=0)
+                acc = torch.zeros(d, dtype=torch.float64)
+                pos = 0
+                for k in visible:
+                    for j in range(*segments[k]):
+                        acc += w[k] * mv[k] * p[pos] * v64[bi, j, sl]
+                        pos += 1
+                out[bi, qi, sl] = acc
+    return out
+
+
+def make(seed=0, b=2, lq=6, c=8, lens=(3, 4, 2)):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, lq, c, generator=g)
+    total = sum(lens)
+    keys = torch.randn(1, total, c, generator=g)
+    values = torch.randn(1, total, c, generator=g)
+    segs, start = [], 0
+    for length in lens:
+        segs.append((start, start + length))
+        start += length
+    return q, keys, values, segs
+
+
+def test_unmasked_is_one_softmax_over_all_garments():
+    q, k, v, segs = make()
+    got = garment_attention(q, k, v, HEADS, segs)
+    ref = reference(q, k, v, HEADS, segs)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_weights_scale_each_garments_share():
+    q, k, v, segs = make(1)
+    w = [1.0, 0.25, 2.0]
+    got = garment_attention(q, k, v, HEADS, segs, weights=w)
+    torch.testing.assert_close(got.double(), reference(q, k, v, HEADS, segs, weights=w), atol=1e-5, rtol=1e-5)
+
+
+def test_binary_and_soft_masks_match_reference():
+    q, k, v, segs = make(2, lq=6)
+    masks = torch.tensor([[1, 1, 0, 0, 0, 1], [0, 1, 1, 0, 0, 1], [0, 0, 0, 0, 1, 1]], dtype=torch.float32)
+    got = garment_attention(q, k, v, HEADS, segs, masks=masks)
+    ref = reference(q, k, v, HEADS, segs, masks=masks)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    # query 3 sees no garment: exactly zero
+    assert torch.equal(got[:, 3], torch.zeros_like(got[:, 3]))
+    soft = masks * torch.tensor([[0.3], [0.9], [0.5]])
+    got = garment_attention(q, k, v, HEADS, segs, weights=[1.0, 0.5, 1.5], masks=soft)
+    ref = reference(q, k, v, HEADS, segs, weights=[1.0, 0.5, 1.5], masks=soft)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_all_zero_masks_give_exact_zero():
+    q, k, v, segs = make(3)
+    got = garment_attention(q, k, v, HEADS, segs, masks=torch.zeros(3, q.shape[1]))
+    assert torch.equal(got, torch.zeros_like(q))
+
+
+def test_garment_with_empty_mask_is_as_if_absent():
+    q, k, v, segs = make(4)
+    masks = torch.ones(3, q.shape[1])
+    masks[1] = 0
+    got = garment_attention(q, k, v, HEADS, segs, masks=masks)
+    keep = torch.cat([k[:, 0:3], k[:, 7:9]], dim=1), torch.cat([v[:, 0:3], v[:, 7:9]], dim=1)
+    without = garment_attention(q, keep[0], keep[1], HEADS, [(0, 3), (3, 5)], masks=torch.ones(2, q.shape[1]))
+    torch.testing.assert_close(got, without, atol=1e-5, rtol=1e-5)
+
+
+def test_permuting_garments_changes_nothing_and_duplicates_with_their_mask():
+    q, k, v, segs = make(5)
+    masks = torch.rand(3, q.shape[1])
+    got = garment_attention(q, k, v, HEADS, segs, weights=[1.0, 0.5, 2.0], masks=masks)
+    order = [2, 0, 1]
+    kk = torch.cat([k[:, slice(*segs[i])] for i in order], dim=1)
+    vv = torch.cat([v[:, slice(*segs[i])] for i in order], dim=1)
+    lens = [segs[i][1] - segs[i][0] for i in order]
+    psegs = [(sum(lens[:i]), sum(lens[:i + 1])) for i in range(3)]
+    perm = garment_attention(q, kk, vv, HEADS, psegs, weights=[2.0, 1.0, 0.5], masks=masks[order])
+    scale = got.abs().max()
+    assert (perm - got).abs().max() <= 1e-5 * scale
+    # a single garment duplicated (same tokens, same mask) changes nothing
+    one = garment_attention(q, k[:, 0:3], v[:, 0:3], HEADS, [(0, 3)])
+    dup = garment_attention(q, k[:, [0, 1, 2, 0, 1, 2]], v[:, [0, 1, 2, 0, 1, 2]], HEADS, [(0, 3), (3, 6)])
+    assert (dup - one).abs().max() <= 1e-5 * one.abs().max()
+
+
+def test_uniform_path_equals_general_path():
+    q, k, v, segs = make(6)
+    fast = garment_attention(q, k, v, HEADS, segs)
+    general = garment_attention(q, k, v, HEADS, segs, masks=torch.ones(3, q.shape[1]))
+    torch.testing.assert_close(fast, general, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_with_lse_matches_math():
+    g = torch.Generator().manual_seed(7)
+    qh, kh, vh = (torch.randn(2, 3, n, 8, generator=g) for n in (20, 33, 33))
+    out, lse = attention_with_lse(qh, kh, vh)
+    s = qh @ kh.transpose(-1, -2) / math.sqrt(8)
+    torch.testing.assert_close(lse, s.logsumexp(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, s.softmax(-1) @ vh, atol=1e-5, rtol=1e-5)
+
+
+def _branch(layers, **kw):
+    return DressingBranch(layers, attention=sdpa_attention, **kw)
+
+
+def _setup(seed=8, b_per=2, lq=6, c=8):
+    q, k, v, segs = make(seed, b=2 * b_per, lq=lq, c=c)
+    layer = DressingLayer(features=k, segments=segs, key_proj=torch.eye(c), value_proj=torch.eye(c) * 0.5)
+    return q, layer
+
+
+def _self_attn(q, k, v, extra):
+    return sdpa_attention(q, k, v, extra["n_heads"])
+
+
+def test_replace_adds_lambda_times_garments_on_cond_rows_only():
+    q, layer = _setup()
+    key = ("input", 1, 0)
+    extra = {"n_heads": HEADS, "cond_or_uncond": [1, 0], "activations_shape": [4, 8, 2, 3]}
+    rep = DressingAttentionReplace(key, _self_attn, branches=[_branch({key: layer}, strength=0.7)])
+    out = rep(q, q, q, extra)
+    base = _self_attn(q, q, q, extra)
+    g = garment_attention(q, layer.features, layer.features * 0.5, HEADS, layer.segments)
+    # rows 0-1 are uncond (cond_or_uncond[0] == 1): untouched; rows 2-3 are cond
+    assert torch.equal(out[:2], base[:2])
+    torch.testing.assert_close(out[2:], base[2:] + 0.7 * g[2:], atol=1e-6, rtol=1e-6)
+    both = DressingAttentionReplace(key, _self_attn, branches=[_branch({key: layer}, strength=0.7,
+                                                                        include_uncond=True)])(q, q, q, extra)
+    torch.testing.assert_close(both, base + 0.7 * g, atol=1e-6, rtol=1e-6)
+
+
+def test_strength_zero_and_zero_masks_are_exactly_unpatched():
+    q, layer = _setup(9)
+    key = ("output", 9, 0)
+    extra = {"n_heads": HEADS, "cond_or_uncond": [0, 1], "activations_shape": [4, 8, 2, 3]}
+    base = _self_attn(q, q, q, extra)
+    for branch in (_branch({key: layer}, strength=0.0),
+                   _branch({key: layer}, strength=1.0, masks=torch.zeros(3, 16, 24))):
+        out = DressingAttentionReplace(key, _self_attn, branches=[branch])(q, q, q, extra)
+        assert torch.equal(out, base)
+
+
+def test_branches_stack_and_previous_replacement_is_called():
+    q, layer = _setup(10)
+    key = ("middle", 0, 0)
+    extra = {"n_heads": HEADS, "cond_or_uncond": [0, 1]}
+    calls = []
+
+    def previous(q_, k_, v_, extra_):
+        calls.append(1)
+        return torch.full_like(q_, 2.0)
+
+    b1, b2 = _branch({key: layer}, strength=0.5), _branch({key: layer}, strength=0.25)
+    rep = DressingAttentionReplace(key, _self_attn, previous=previous, branches=[b1])
+    rep2 = rep.with_branch(b2)
+    assert len(rep.branches) == 1 and len(rep2.branches) == 2  # copy-on-write
+    out = rep2(q, q, q, extra)
+    g = garment_attention(q, layer.features, layer.features * 0.5, HEADS, layer.segments)
+    torch.testing.assert_close(out[:2], 2.0 + 0.75 * g[:2], atol=1e-6, rtol=1e-6)
+    assert torch.equal(out[2:], torch.full_like(out[2:], 2.0))
+    assert len(calls) == 1
+
+
+def test_sigma_window_gates_the_branch():
+    q, layer = _setup(11)
+    key = ("input", 4, 0)
+    br = _branch({key: layer}, strength=1.0, sigma_start=5.0, sigma_end=1.0)
+    assert br.active_at({"sigmas": torch.tensor([3.0])})
+    assert not br.active_at({"sigmas": torch.tensor([7.0])})
+    assert not br.active_at({"sigmas": torch.tensor([0.5])})
+
+
+def test_run_cache_projects_once_per_run():
+    q, layer = _setup(12)
+    key = ("input", 1, 0)
+    calls = []
+
+    def proj(f):
+        calls.append(1)
+        return f
+
+    layer = DressingLayer(features=layer.features, segments=layer.segments, key_proj=proj, value_proj=proj)
+    br = _branch({key: layer})
+    cache: dict = {}
+    extra = {"n_heads": HEADS, "cond_or_uncond": [0, 1], "anydressing_run_cache": cache}
+    for _ in range(3):
+        br.output(key, q, extra)
+    assert len(calls) == 2  # K' and V' once each for three steps
+    br.output(key, q, {"n_heads": HEADS})
+    assert len(calls) == 4  # without a run cache: computed for the call
+
+
+def test_mask_shape_error_is_clear():
+    q, k, v, segs = make(13)
+    with pytest.raises(ValueError, match=r"garment masks have shape \(2, 6\); expected \[3, 6\]"):
+        garment_attention(q, k, v, HEADS, segs, masks=torch.ones(2, 6))

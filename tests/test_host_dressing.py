@@ -1,0 +1,135 @@
+"""Host: the four nodes plus the stock KSampler through ComfyUI's real executor, on tiny SD1.5-architecture models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphs
+
+pytestmark = pytest.mark.host
+
+
+def run(host, store, key="out", **kw) -> torch.Tensor:
+    r = host.run(graphs.dressing_prompt(capture_key=key, **kw))
+    assert r["success"], r["errors"]
+    return store[key]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_dressing_changes_output_and_strength_zero_is_exactly_unpatched(host, store):
+    plain = run(host, store, "plain", patched=False)
+    dressed = run(host, store, "dressed", strength=0.7)
+    zero = run(host, store, "zero", strength=0.0)
+    assert dressed.shape == plain.shape == (1, 4, 8, 8)
+    assert rel(dressed, plain) > 1e-2
+    assert torch.equal(zero, plain)
+
+
+def test_duplicating_a_garment_leaves_the_output_unchanged(host, store):
+    one = run(host, store, "one", garments=((1, "upper"),))
+    two = run(host, store, "two", garments=((1, "upper"), (1, "upper")))
+    assert rel(two, one) < 1e-4
+    other = run(host, store, "other", garments=((1, "upper"), (3, "upper")))
+    assert rel(other, one) > 1e-3  # a different second garment does change it
+
+
+def test_input_model_is_not_mutated(host, store):
+    p = graphs.dressing_prompt(capture_key="x")
+    p["cap_base"] = {"class_type": "ADTestCaptureModel", "inputs": {"key": "base", "model": ["model", 0]}}
+    p["cap_patched"] = {"class_type": "ADTestCaptureModel", "inputs": {"key": "patched", "model": ["apply", 0]}}
+    assert host.run(p)["success"]
+    base, patched = store["base"], store["patched"]
+    assert base is not patched and base.model is patched.model  # a clone sharing the weights
+    assert "patches_replace" not in base.model_options.get("transformer_options", {})
+    assert not base.wrappers
+    replaces = patched.model_options["transformer_options"]["patches_replace"]["attn1"]
+    assert len(replaces) == 16
+    assert sorted(replaces) == sorted([("input", i, 0) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0, 0)] +
+                                      [("output", i, 0) for i in range(3, 12)])
+    assert "anydressing" in patched.wrappers["outer_sample"]
+    # the run cache was dropped when sampling finished
+    assert "anydressing_run_cache" not in patched.model_options["transformer_options"]
+
+
+def test_seed_only_rerun_does_not_encode_again(host, store):
+    counter = host.pack_module("nodes.encode").ENCODE_RUNS
+    run(host, store, "s0", seed=0)
+    before = counter["count"]
+    r = host.run(graphs.dressing_prompt(capture_key="s1", seed=1))
+    assert r["success"]
+    assert "encode" in r["cached"] and "encode" not in r["executed"]
+    assert counter["count"] == before
+    assert not torch.equal(store["s1"], store["s0"])
+
+
+def test_all_zero_masks_equal_unpatched_and_masked_out_garment_has_no_effect(host, store):
+    plain = run(host, store, "plain", patched=False)
+    zero = run(host, store, "zero", masks=[(0, 0, 0, 0, 1.0), (0, 0, 0, 0, 1.0)])
+    assert torch.equal(zero, plain)
+    a = run(host, store, "a", garments=((1, "upper"), (2, "lower")), masks=[(0, 0, 1, 1, 1.0), (0, 0, 0, 0, 1.0)])
+    b = run(host, store, "b", garments=((1, "upper"), (7, "lower")), masks=[(0, 0, 1, 1, 1.0), (0, 0, 0, 0, 1.0)])
+    assert torch.equal(a, b)
+    assert rel(a, plain) > 1e-2
+    half = run(host, store, "half", garments=((1, "upper"), (7, "lower")), masks=[(0, 0, 1, 0.5, 1.0), (0, 0.5, 1, 1, 1.0)])
+    assert rel(half, b) > 1e-3
+
+
+def test_two_apply_nodes_stack(host, store):
+    def second(strength):
+        def build(model_ref):
+            return {
+                "img9": {"class_type": "ADTestGarmentImage", "inputs": {"seed": 9, "width": 48, "height": 64}},
+                "encode2": {"class_type": "AnyDressingEncodeGarments",
+                            "inputs": {"garments_net": ["gnet", 0], "vae": ["vae", 0], "image_1": ["img9", 0],
+                                       "slot_1": "shoes", "width": 48, "height": 64}},
+                "apply2": {"class_type": "AnyDressingApplyDressingAttention",
+                           "inputs": {"model": model_ref, "garment_features": ["encode2", 0], "strength": strength,
+                                      "garment_weights": "", "start_percent": 0.0, "end_percent": 1.0,
+                                      "apply_to_uncond": False}},
+            }
+        return build
+
+    single = run(host, store, "single")
+    chained_off = run(host, store, "chained_off", extra_apply=second(0.0))
+    chained = run(host, store, "chained", extra_apply=second(0.7))
+    assert torch.equal(chained_off, single)
+    assert rel(chained, single) > 1e-3
+
+
+def test_another_packs_attn1_replacement_is_called_not_dropped(host, store):
+    import adtest_tiny
+
+    foreign = {"foreign": {"class_type": "ADTestForeignAttn1", "inputs": {"model": ["model", 0], "scale": 0.5}}}
+    only_foreign = run(host, store, "only_foreign", patched=False, pre_model=foreign)
+    calls = adtest_tiny.CALLS["foreign_attn1"]
+    both_zero = run(host, store, "both_zero", pre_model=foreign, strength=0.0)
+    assert adtest_tiny.CALLS["foreign_attn1"] > calls
+    assert torch.equal(both_zero, only_foreign)
+    both = run(host, store, "both", pre_model=foreign, strength=0.7)
+    assert rel(both, only_foreign) > 1e-3
+
+
+def test_cfg_one_batches_and_aspect_ratios(host, store):
+    plain = run(host, store, "p", patched=False, cfg=1.0, batch=2, latent_w=48, latent_h=72)
+    dressed = run(host, store, "d", cfg=1.0, batch=2, latent_w=48, latent_h=72,
+                  garments=((1, "upper", 30, 90), (2, "dress", 120, 40)))
+    assert dressed.shape == (2, 4, 9, 6)
+    assert rel(dressed, plain) > 1e-2
+    assert torch.isfinite(dressed).all()
+
+
+def test_uncond_option_and_schedule_window(host, store):
+    plain = run(host, store, "plain", patched=False)
+    default = run(host, store, "default")
+    with_uncond = run(host, store, "uncond", include_uncond=True)
+    assert rel(with_uncond, default) > 1e-3
+    never = run(host, store, "never", start=0.0, end=0.0)
+    assert torch.equal(never, plain)
+    late = run(host, store, "late", start=0.5, end=1.0)
+    # only the last of two steps is dressed: it differs from plain, and much less than dressing both steps
+    assert not torch.equal(late, plain)
+    assert rel(late, plain) < rel(default, plain) / 10

@@ -1,0 +1,57 @@
+"""Host: the pack registers through ComfyUI's own custom-node loader, with tooltips and descriptions everywhere."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.host
+
+EXPECTED = {
+    "AnyDressingLoadGarmentsNet": "Load GarmentsNet",
+    "AnyDressingEncodeGarments": "Encode Garments",
+    "AnyDressingApplyDressingAttention": "Apply Dressing-Attention",
+    "AnyDressingGarmentMasks": "Garment Masks",
+}
+
+
+def test_nodes_registered_by_comfyui_loader(host):
+    nodes = host.nodes
+    for node_id, name in EXPECTED.items():
+        assert node_id in nodes.NODE_CLASS_MAPPINGS, node_id
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == name
+        assert nodes.NODE_CLASS_MAPPINGS[node_id].CATEGORY == "AnyDressing"
+    assert "ComfyUI-AnyDressing" in nodes.LOADED_MODULE_DIRS
+
+
+def test_pack_loads_without_errors_or_warnings(host):
+    ours = [m for m in host.boot_warnings if "AnyDressing" in m or "anydressing" in m.lower()]
+    assert ours == []
+
+
+def test_every_input_and_output_has_a_tooltip_and_every_node_a_description(host):
+    for node_id in EXPECTED:
+        cls = host.nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert len(cls.DESCRIPTION) > 40
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, (typ, *opts) in spec.get(section, {}).items():
+                assert opts and opts[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+        assert all(cls.OUTPUT_TOOLTIPS)
+
+
+def test_custom_types_and_model_folder(host):
+    m = host.nodes.NODE_CLASS_MAPPINGS
+    assert m["AnyDressingLoadGarmentsNet"].RETURN_TYPES == ("GARMENTS_NET",)
+    assert m["AnyDressingEncodeGarments"].RETURN_TYPES[0] == "GARMENT_FEATURES"
+    assert m["AnyDressingGarmentMasks"].RETURN_TYPES == ("GARMENT_MASKS", "MASK")
+    assert m["AnyDressingApplyDressingAttention"].INPUT_TYPES()["optional"]["garment_masks"][0] == "GARMENT_MASKS"
+    paths, exts = host.folder_paths.folder_names_and_paths["anydressing"]
+    assert str(host.models_dir / "anydressing") in paths
+    assert ".safetensors" in exts
+    # a file dropped into models/anydressing/ is offered by Load GarmentsNet
+    (host.anydressing_dir() / "listed.safetensors").write_bytes(b"")
+    host.folder_paths.cache_helper.clear() if hasattr(host.folder_paths, "cache_helper") else None
+    choices = m["AnyDressingLoadGarmentsNet"].INPUT_TYPES()["required"]["garments_net_name"][0]
+    assert choices[0] == "training-free" and "listed.safetensors" in choices
+    (host.anydressing_dir() / "listed.safetensors").unlink()
