@@ -70,12 +70,33 @@ def build_unet_patcher(unet: dict[str, torch.Tensor], naming: str, name: str,
     Keys the file lacks are taken from the base MODEL when one is connected (a partial fine-tune), else refused.
     """
     sd = dict(unet)
+    base_sd = base_model.model.diffusion_model.state_dict() if base_model is not None else None
+
+    def partial(without: str) -> NodeError:
+        return NodeError(NODE, f"{name} holds a partial GarmentsNet ({len(sd)} UNet tensors, without {without}); "
+                               f"connect the base MODEL to the 'model' input so the missing weights come from it")
+
     if naming == "diffusers":
-        cfg = _diffusers_unet_config(sd)
+        if "conv_in.weight" in sd:
+            cfg = _diffusers_unet_config(sd)
+        elif base_model is not None:
+            cfg = base_model.model.model_config.unet_config
+        else:
+            raise partial("conv_in.weight")
         mapping = comfy.utils.unet_to_diffusers(cfg)
-        sd = {mapping[k]: v for k, v in sd.items() if k in mapping}
-    else:
-        cfg = comfy.model_detection.detect_unet_config(sd, "")
+        unknown = [k for k in sd if k not in mapping]
+        if unknown:
+            raise NodeError(NODE, f"{name}: diffusers GarmentsNet keys that do not fit an SD1.5 UNet: "
+                                  f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+        sd = {mapping[k]: v for k, v in sd.items()}
+    anchors = [a for a in ("input_blocks.0.0.weight", "time_embed.0.weight", "out.2.weight") if a not in sd]
+    full = sd
+    if anchors:
+        if base_sd is None:
+            raise partial(anchors[0])
+        full = dict(base_sd)
+        full.update(sd)
+    cfg = comfy.model_detection.detect_unet_config(full, "")
     if cfg is None or not _is_sd15_family(cfg):
         found = {k: cfg.get(k) for k in ("context_dim", "use_linear_in_transformer", "adm_in_channels",
                                          "in_channels", "channel_mult")} if cfg else {}
@@ -97,11 +118,8 @@ def build_unet_patcher(unet: dict[str, torch.Tensor], naming: str, name: str,
         raise NodeError(NODE, f"{name}: GarmentsNet weights do not fit an SD1.5 UNet; unexpected keys: "
                               f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
     if missing:
-        if base_model is None:
-            raise NodeError(NODE, f"{name} holds a partial GarmentsNet ({len(missing)} of {len(expected)} UNet "
-                                  f"tensors missing, e.g. {missing[0]}); connect the base MODEL to the 'model' input "
-                                  f"so the missing weights come from it")
-        base_sd = base_model.model.diffusion_model.state_dict()
+        if base_sd is None:
+            raise partial(missing[0])
         for k in missing:
             if k not in base_sd or base_sd[k].shape != expected[k].shape:
                 raise NodeError(NODE, f"{name}: the connected MODEL cannot supply {k} (different architecture)")
