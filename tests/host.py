@@ -173,3 +173,8 @@ def boot() -> Host:
     _HOST = Host(root, base)
     _HOST.boot_warnings = [r.getMessage() for r in records]
     return _HOST
+
+
+if __name__ == "__main__":  # `python tests/host.py --find`: print the host path (empty when none), for tests/run.sh
+    found = find_comfyui()
+    print(found or "")
