@@ -70,7 +70,11 @@ def build_unet_patcher(unet: dict[str, torch.Tensor], naming: str, name: str,
     Keys the file lacks are taken from the base MODEL when one is connected (a partial fine-tune), else refused.
     """
     sd = dict(unet)
-    base_sd = base_model.model.diffusion_model.state_dict() if base_model is not None else None
+    base_sd = None
+    if base_model is not None:
+        # Load the MODEL first: the shared module may hold another clone's patched weights until its own load.
+        mm.load_models_gpu([base_model])
+        base_sd = {k: v.detach().to("cpu", copy=True) for k, v in base_model.model.diffusion_model.state_dict().items()}
 
     def partial(without: str) -> NodeError:
         return NodeError(NODE, f"{name} holds a partial GarmentsNet ({len(sd)} UNet tensors, without {without}); "

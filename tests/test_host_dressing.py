@@ -133,3 +133,16 @@ def test_uncond_option_and_schedule_window(host, store):
     # only the last of two steps is dressed: it differs from plain, and much less than dressing both steps
     assert not torch.equal(late, plain)
     assert rel(late, plain) < rel(default, plain) / 10
+
+
+def test_lora_on_the_model_reaches_dressing_attention(host, store):
+    """training-free W_k'/W_v' are the MODEL's to_k/to_v as loaded for sampling: a LoRA patch must apply to them."""
+    patched = {"lora": {"class_type": "ADTestAddLoRA",
+                        "inputs": {"model": ["model", 0], "seed": 4, "strength": 1.0, "merge": False}}}
+    merged = {"lora": {"class_type": "ADTestAddLoRA",
+                       "inputs": {"model": ["model", 0], "seed": 4, "strength": 1.0, "merge": True}}}
+    via_patch = run(host, store, "via_patch", pre_model=patched)
+    via_merge = run(host, store, "via_merge", pre_model=merged)
+    plain = run(host, store, "plain")
+    assert rel(via_patch, plain) > 1e-2
+    assert rel(via_patch, via_merge) < 1e-4

@@ -154,16 +154,26 @@ class AddLoRA:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "seed": ("INT", {"default": 0}), "strength": ("FLOAT", {"default": 1.0})}}
+        return {"required": {"model": ("MODEL",), "seed": ("INT", {"default": 0}),
+                             "strength": ("FLOAT", {"default": 1.0}), "merge": ("BOOLEAN", {"default": False})}}
 
-    def run(self, model, seed, strength):
+    def run(self, model, seed, strength, merge):
         g = torch.Generator().manual_seed(seed)
-        m = model.clone()
-        patches = {}
-        for k, w in m.model.state_dict().items():
+        diffs = {}
+        for k, w in sorted(model.model.state_dict().items()):
             if ".attn1.to_k." in k or ".attn1.to_v." in k:
-                patches[k] = (0.2 * torch.randn(w.shape, generator=g),)
-        m.add_patches(patches, strength)
+                diffs[k] = 0.2 * torch.randn(w.shape, generator=g)
+        if merge:
+            # The same weights baked into a separate model, for comparison. Built fresh (tiny model seed 0), since a
+            # shared module may hold another clone's patched weights outside a load.
+            fresh = tiny.tiny_model_patcher(0)
+            sd = fresh.model.state_dict()
+            with torch.no_grad():
+                for k, d in diffs.items():
+                    sd[k].add_(strength * d)
+            return (fresh,)
+        m = model.clone()
+        m.add_patches({k: (d,) for k, d in diffs.items()}, strength)
         return (m,)
 
 
