@@ -25,8 +25,36 @@ SelfAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], tor
 RUN_CACHE_KEY = "anydressing_run_cache"
 
 
-class RunCache(dict):
-    """Per sampling run: projected garment K'/V' and resized masks. Created and cleared by a sampling wrapper."""
+class RunCache:
+    """Per sampling run: projected garment K'/V' and resized masks. Created and cleared by a sampling wrapper.
+
+    Deliberately not a dict: ComfyUI copies nested dicts of model_options during sampling, which would give every
+    step a fresh, empty cache.
+    """
+
+    def __init__(self):
+        self._items: dict = {}
+
+    def get(self, key, default=None):
+        return self._items.get(key, default)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __setitem__(self, key, value):
+        self._items[key] = value
+
+    def __contains__(self, key) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __copy__(self):
+        return self
 
     def __deepcopy__(self, memo):
         return self
@@ -106,7 +134,7 @@ class DressingBranch:
         per = batch // len(cou)
         return [(i * per, (i + 1) * per) for i, c in enumerate(cou) if c == 0 or self.include_uncond]
 
-    def projected(self, key: LayerKey, layer: DressingLayer, device, dtype, cache: Optional[dict]):
+    def projected(self, key: LayerKey, layer: DressingLayer, device, dtype, cache: Optional[RunCache]):
         if cache is None:
             return layer.project(device, dtype)
         ck = ("kv", id(self), key, str(device), dtype)
@@ -116,7 +144,7 @@ class DressingBranch:
             cache[ck] = hit
         return hit
 
-    def layer_masks(self, extra: dict, tokens: int, device, cache: Optional[dict]) -> Optional[torch.Tensor]:
+    def layer_masks(self, extra: dict, tokens: int, device, cache: Optional[RunCache]) -> Optional[torch.Tensor]:
         if self.masks is None:
             return None
         h, w = layer_grid(extra, tokens)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from anydressing_core.attention import attention_with_lse, garment_attention, sdpa_attention
-from anydressing_core.branch import DressingAttentionReplace, DressingBranch, DressingLayer
+from anydressing_core.branch import DressingAttentionReplace, DressingBranch, DressingLayer, RunCache
 
 HEADS = 2
 
@@ -216,7 +216,7 @@ def test_run_cache_projects_once_per_run():
 
     layer = DressingLayer(features=layer.features, segments=layer.segments, key_proj=proj, value_proj=proj)
     br = _branch({key: layer})
-    cache: dict = {}
+    cache = RunCache()
     extra = {"n_heads": HEADS, "cond_or_uncond": [0, 1], "anydressing_run_cache": cache}
     for _ in range(3):
         br.output(key, q, extra)

@@ -146,3 +146,52 @@ def test_lora_on_the_model_reaches_dressing_attention(host, store):
     plain = run(host, store, "plain")
     assert rel(via_patch, plain) > 1e-2
     assert rel(via_patch, via_merge) < 1e-4
+
+
+def test_controlnet_keeps_working_with_dressing(host, store):
+    def with_controlnet(p):
+        p["cn"] = {"class_type": "ADTestTinyControlNet", "inputs": {"seed": 3}}
+        p["hint"] = {"class_type": "ADTestGarmentImage", "inputs": {"seed": 21, "width": 64, "height": 64}}
+        p["cn_apply"] = {"class_type": "ControlNetApplyAdvanced",
+                         "inputs": {"positive": ["pos", 0], "negative": ["neg", 0], "control_net": ["cn", 0],
+                                    "image": ["hint", 0], "strength": 1.0, "start_percent": 0.0,
+                                    "end_percent": 1.0}}
+        p["sampler"]["inputs"]["positive"] = ["cn_apply", 0]
+        p["sampler"]["inputs"]["negative"] = ["cn_apply", 1]
+        return p
+
+    def run_p(key, **kw):
+        r = host.run(with_controlnet(graphs.dressing_prompt(capture_key=key, **kw)))
+        assert r["success"], r["errors"]
+        return store[key]
+
+    cn_plain = run_p("cn_plain", patched=False)
+    cn_zero = run_p("cn_zero", strength=0.0)
+    cn_dressed = run_p("cn_dressed")
+    dressed = run(host, store, "dressed")
+    assert torch.equal(cn_zero, cn_plain)
+    assert rel(cn_dressed, cn_plain) > 1e-2  # dressing still acts with a ControlNet
+    assert rel(cn_dressed, dressed) > 1e-2  # and the ControlNet still acts with dressing
+
+
+def test_garment_projections_once_per_sampling_run_and_freed_after(host, store, monkeypatch):
+    branch_mod = host.pack_module("anydressing_core.branch")
+    calls, cleared = [], []
+    original_project = branch_mod.DressingLayer.project
+    original_clear = branch_mod.RunCache.clear
+
+    def counting_project(self, device, dtype):
+        calls.append(1)
+        return original_project(self, device, dtype)
+
+    def recording_clear(self):
+        cleared.append(len(self))
+        original_clear(self)
+
+    monkeypatch.setattr(branch_mod.DressingLayer, "project", counting_project)
+    monkeypatch.setattr(branch_mod.RunCache, "clear", recording_clear)
+    run(host, store, "three_steps", steps=3)
+    assert len(calls) == 16  # one K'/V' projection per layer for 3 steps x (cond, uncond)
+    assert cleared == [16]  # the run's cache held them and was emptied when sampling ended
+    run(host, store, "again", steps=3, seed=1)
+    assert len(calls) == 32 and cleared == [16, 16]  # a new run projects again (weights may have changed)

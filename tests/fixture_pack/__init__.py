@@ -177,7 +177,32 @@ class AddLoRA:
         return (m,)
 
 
+class TinyControlNet:
+    """A ControlNet of the tiny UNet's width, through ComfyUI's own ControlNet class (what ControlNetLoader returns)."""
+
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("CONTROL_NET",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    def run(self, seed):
+        import comfy.cldm.cldm
+        import comfy.controlnet
+        import comfy.model_management as mm
+        import comfy.ops
+
+        net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                         **tiny.tiny_unet_config(32))
+        tiny.randomize(net, seed)
+        return (comfy.controlnet.ControlNet(net, latent_format=None,
+                                            load_device=mm.get_torch_device(), manual_cast_dtype=None),)
+
+
 NODE_CLASS_MAPPINGS = {
+    "ADTestTinyControlNet": TinyControlNet,
     "ADTestTinyModel": TinyModel,
     "ADTestTinyVAE": TinyVAE,
     "ADTestConditioning": RandomConditioning,
