@@ -30,3 +30,27 @@ def install(name):
     mod.__class__ = StandIn
     mod.__path__ = []
     return mod
+
+
+def install_package(name):
+    """Make `name` (already in sys.modules) and every `name.sub.module` import-only stand-ins."""
+    import importlib.abc
+    import importlib.machinery
+
+    mod = install(name)
+    mod.__version__ = "0.0.0+standin"
+
+    class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname.startswith(name + "."):
+                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+            return None
+
+        def create_module(self, spec):
+            return StandIn(spec.name)
+
+        def exec_module(self, module):
+            module.__path__ = []
+
+    sys.meta_path.insert(0, _Finder())
+    return mod
