@@ -109,8 +109,20 @@ def garment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     masks: [N, Lq] or [B, N, Lq] values in [0, 1] (None means 1 everywhere). Returns [B, Lq, C].
     """
     n = len(segments)
+    b, lq, c = q.shape
+    if masks is not None and (masks.shape[-2] != n or masks.shape[-1] != lq or masks.dim() not in (2, 3)):
+        raise ValueError(f"garment masks have shape {tuple(masks.shape)}; expected [{n}, {lq}]")
+    if keys.shape[0] == 1 and b > 1:
+        # Garment tokens are shared by every row: fold the rows into one long query sequence instead of expanding
+        # K'/V' per row (no copies, one larger attention call; each query is independent, so results are equal).
+        folded_masks = None
+        if masks is not None:
+            m = masks if masks.dim() == 3 else masks.unsqueeze(0).expand(b, -1, -1)
+            folded_masks = m.permute(1, 0, 2).reshape(m.shape[1], b * lq)
+        out = garment_attention(q.reshape(1, b * lq, c), keys, values, heads, segments, weights, folded_masks,
+                                attention)
+        return out.reshape(b, lq, c)
     uniform = weights is None or all(float(w) == 1.0 for w in weights)
-    b = q.shape[0]
     if masks is None and uniform:
         # Exactly eq. 6: one softmax over all garment tokens.
         return attention(q, keys.expand(b, -1, -1), values.expand(b, -1, -1), heads)
@@ -119,8 +131,6 @@ def garment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         m = masks.to(device=q.device, dtype=torch.float32)
         if m.dim() == 2:
             m = m.unsqueeze(0)
-        if m.shape[-2] != n or m.shape[-1] != q.shape[1]:
-            raise ValueError(f"garment masks have shape {tuple(masks.shape)}; expected [{n}, {q.shape[1]}]")
         if not bool((m > 0).any()):
             return torch.zeros_like(q)
     else:

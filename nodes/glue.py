@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 
@@ -103,16 +102,6 @@ def install_branch(model_patcher, branch: DressingBranch, keys: list[LayerKey]) 
     model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, run_cache_wrapper)
 
 
-def dressing_replaces(model_patcher) -> dict[LayerKey, DressingAttentionReplace]:
-    to = model_patcher.model_options.get("transformer_options", {})
-    return {k: v for k, v in to.get("patches_replace", {}).get("attn1", {}).items()
-            if isinstance(v, DressingAttentionReplace)}
-
-
-def load_device_of(patcher) -> torch.device:
-    return patcher.load_device
-
-
 def intermediate_device() -> torch.device:
     return mm.intermediate_device()
 
@@ -121,18 +110,9 @@ def load_for_inference(patchers: list) -> None:
     mm.load_models_gpu(patchers)
 
 
-def optional_model_sampling(model_patcher):
-    try:
-        return model_patcher.get_model_object("model_sampling")
-    except Exception:
-        return None
-
-
 def percent_to_sigma(model_patcher, percent: float) -> float:
-    ms = optional_model_sampling(model_patcher)
-    if ms is None:
-        return float("inf") if percent <= 0 else 0.0
-    return float(ms.percent_to_sigma(percent))
+    """ComfyUI's own schedule mapping (start 0 -> a huge sigma, end 1 -> 0), as IP-Adapter and ControlNet use it."""
+    return float(model_patcher.get_model_object("model_sampling").percent_to_sigma(percent))
 
 
 def warn(msg: str) -> None:

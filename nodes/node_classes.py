@@ -187,7 +187,7 @@ class ApplyDressingAttention:
                                 apply_to_uncond, masks),)
 
 
-class GarmentMasks_Node:
+class GarmentMasksNode:
     DESCRIPTION = ("Builds GARMENT_MASKS from one MASK per garment, in Encode Garments order. With masks, garment k "
                    "is seen only by pixels inside mask k (soft masks honoured); an all-zero mask switches that garment "
                    "off.")
@@ -237,7 +237,7 @@ NODE_CLASS_MAPPINGS = {
     "AnyDressingLoadGarmentsNet": LoadGarmentsNet,
     "AnyDressingEncodeGarments": EncodeGarments,
     "AnyDressingApplyDressingAttention": ApplyDressingAttention,
-    "AnyDressingGarmentMasks": GarmentMasks_Node,
+    "AnyDressingGarmentMasks": GarmentMasksNode,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ for p in (str(REPO), str(TESTS), str(TESTS / "fixture_pack")):
 
 import host as host_mod  # noqa: E402
 
-_reported = False
+
 
 
 def pytest_report_header(config):

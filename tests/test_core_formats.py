@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import ast
-import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from anydressing_core.attention import sdpa_attention
 from anydressing_core.encoder import GarmentEncodeHooks

@@ -139,7 +139,7 @@ def test_dressing_weights_from_file_are_used(host, store):
               for p in LAYER_PATHS}
     write(host, "da_copy.safetensors", dressing=copies)
     g = torch.Generator().manual_seed(3)
-    rnd = {p: (torch.randn_like(wk) / wk.shape[0] ** 0.5, torch.randn_like(wv) / wv.shape[0] ** 0.5)
+    rnd = {p: (torch.randn(wk.shape, generator=g) / wk.shape[0] ** 0.5, torch.randn(wv.shape, generator=g) / wv.shape[0] ** 0.5)
            for p, (wk, wv) in copies.items()}
     write(host, "da_random.safetensors", dressing=rnd)
     free = run(host, store, "free")
