@@ -161,3 +161,31 @@ def garment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     for k in range(n):
         out = out + mix[k].unsqueeze(-1) * outs[k].float()
     return out.to(q.dtype).transpose(1, 2).reshape(q.shape)
+
+
+def garment_attention_mass(q: torch.Tensor, keys: torch.Tensor, heads: int, segments: Sequence[tuple[int, int]],
+                           masks: Optional[torch.Tensor] = None, chunk: int = 1024) -> torch.Tensor:
+    """The paper's A_k (eq. 8): each query's softmax mass on garment k's tokens, averaged over heads -> [N, B, Lq].
+
+    Exact and never materialised as [queries x all tokens]: per garment log-sum-exp, merged like the attention
+    itself. Where masks hide every garment from a query, all A_k are 0 there.
+    """
+    lq = q.shape[1]
+    qh = _split_heads(q, heads).float()
+    d = qh.shape[-1]
+    scale = 1.0 / math.sqrt(d)
+    lses = []
+    for start, end in segments:
+        kt = _split_heads(keys[:, start:end], heads).float().transpose(-1, -2)
+        parts = [torch.logsumexp(torch.matmul(qh[..., s:s + chunk, :], kt) * scale, dim=-1)
+                 for s in range(0, lq, chunk)]
+        lses.append(torch.cat(parts, dim=-1))
+    lse_all = torch.stack(lses, dim=0)  # [N, B, h, Lq]
+    if masks is not None:
+        m = masks.to(device=q.device, dtype=torch.float32)
+        m = m.unsqueeze(0) if m.dim() == 2 else m
+        visible = (m > 0).permute(1, 0, 2).unsqueeze(2)
+        lse_all = lse_all.masked_fill(~visible, float("-inf"))
+    total = torch.logsumexp(lse_all, dim=0, keepdim=True)
+    share = torch.nan_to_num(torch.exp(lse_all - total), nan=0.0)
+    return share.mean(dim=2)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from .attention import AttentionFn, garment_attention, sdpa_attention
+from .attention import AttentionFn, garment_attention, garment_attention_mass, sdpa_attention
 from .layers import LayerKey
 from .masks import resize_to_grid
 
@@ -23,6 +23,28 @@ SelfAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], tor
 
 # transformer_options key under which the sampling wrapper publishes the per-run cache
 RUN_CACHE_KEY = "anydressing_run_cache"
+# transformer_options key of an AttentionProbe: when present, every branch records its garments' attention mass A_k
+PROBE_KEY = "anydressing_attention_probe"
+
+
+class AttentionProbe:
+    """Collects A_k (eq. 8) per branch and layer during one model evaluation: {branch: {layer: (mass, (h, w))}}.
+
+    mass is [N, rows, tokens] for the rows that see the garments. Not a dict, so ComfyUI's option copies keep it.
+    """
+
+    def __init__(self):
+        self.maps: dict = {}
+        self.order: list = []
+
+    def record(self, branch: "DressingBranch", key: LayerKey, mass: torch.Tensor, grid: tuple[int, int]) -> None:
+        if branch not in self.maps:
+            self.maps[branch] = {}
+            self.order.append(branch)
+        self.maps[branch][key] = (mass.detach().float().cpu(), grid)
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 class RunCache:
@@ -144,10 +166,27 @@ class DressingBranch:
             cache[ck] = hit
         return hit
 
+    def check_mask_size(self, extra: dict) -> None:
+        """Masks must have the generated image's aspect ratio (any resolution), else regions land in wrong places."""
+        orig = extra.get("original_shape")
+        if self.masks is None or orig is None or len(orig) < 4:
+            return
+        lh, lw = int(orig[-2]), int(orig[-1])
+        mh, mw = int(self.masks.shape[-2]), int(self.masks.shape[-1])
+        ratio_m, ratio_l = mh / mw, lh / lw
+        if abs(ratio_m - ratio_l) > ratio_l * (1.0 / lh + 1.0 / lw) + 0.01:  # a latent pixel of rounding is fine
+            raise ValueError(f"[AnyDressing] Apply Dressing-Attention: the garment masks are {mw}x{mh} (WxH) but "
+                             f"the image being generated is {lw * 8}x{lh * 8} (latent {lw}x{lh}); make the masks the "
+                             f"size of the generated image")
+
     def layer_masks(self, extra: dict, tokens: int, device, cache: Optional[RunCache]) -> Optional[torch.Tensor]:
         if self.masks is None:
             return None
         h, w = layer_grid(extra, tokens)
+        if cache is None or ("mask_checked", id(self)) not in cache:
+            self.check_mask_size(extra)
+            if cache is not None:
+                cache[("mask_checked", id(self))] = True
         ck = ("mask", id(self), h, w, str(device))
         if cache is not None and ck in cache:
             return cache[ck]
@@ -171,9 +210,13 @@ class DressingBranch:
         kp, vp = self.projected(key, layer, q.device, q.dtype, cache)
         heads = int(extra["n_heads"])
         pieces = []
+        probe = extra.get(PROBE_KEY)
         for start, end in _merge(ranges):
             g = garment_attention(q[start:end], kp, vp, heads, layer.segments, self.weights, masks, self.attention)
             pieces.append((start, end, g * self.strength))
+            if probe is not None:
+                mass = garment_attention_mass(q[start:end], kp, heads, layer.segments, masks)
+                probe.record(self, key, mass, layer_grid(extra, q.shape[1]))
         return pieces
 
 

@@ -32,3 +32,31 @@ def resize_to_grid(masks: torch.Tensor, height: int, width: int) -> torch.Tensor
     else:
         out = F.interpolate(masks.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False).squeeze(1)
     return out.clamp(0.0, 1.0).reshape(n, height * width)
+
+
+def grow(masks: torch.Tensor, pixels: int) -> torch.Tensor:
+    """[N, H, W]: grow (pixels > 0) or shrink (pixels < 0) each mask by a square structuring element."""
+    if pixels == 0:
+        return masks
+    k = 2 * abs(pixels) + 1
+    x = masks.unsqueeze(1)
+    if pixels > 0:
+        x = F.max_pool2d(x, k, stride=1, padding=abs(pixels))
+    else:
+        x = -F.max_pool2d(-x, k, stride=1, padding=abs(pixels))
+    return x.squeeze(1)
+
+
+def feather(masks: torch.Tensor, pixels: int) -> torch.Tensor:
+    """[N, H, W]: soften edges with a Gaussian of sigma = pixels / 2 (0 leaves masks unchanged)."""
+    if pixels <= 0:
+        return masks
+    sigma = pixels / 2.0
+    radius = int(pixels)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(t ** 2) / (2 * sigma * sigma))
+    kernel = (kernel / kernel.sum()).to(masks.dtype)
+    x = masks.unsqueeze(1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+    return x.squeeze(1).clamp(0.0, 1.0)

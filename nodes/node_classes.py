@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 import folder_paths
 
-from ..anydressing_core.masks import normalize_masks
 from ..anydressing_core.preprocess import prepare_garment
 from ..anydressing_core.slots import SLOTS
 from . import apply as apply_mod
+from . import attention_maps as maps_mod
+from . import garment_masks as masks_mod
 from . import encode as encode_mod
 from . import garments_net as gnet_mod
 from .glue import NodeError
@@ -34,16 +33,6 @@ def register_model_folder() -> None:
         folder_paths.folder_names_and_paths[FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
     else:
         folder_paths.folder_names_and_paths[FOLDER] = ([default], set(folder_paths.supported_pt_extensions))
-
-
-@dataclass
-class GarmentMasks:
-    """GARMENT_MASKS: one [H, W] mask per garment, in Encode Garments order, values in [0, 1]."""
-
-    masks: torch.Tensor  # [N, H, W] float32
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 class LoadGarmentsNet:
@@ -182,15 +171,17 @@ class ApplyDressingAttention:
               garment_masks=None):
         masks = None
         if garment_masks is not None:
-            masks = garment_masks.masks if isinstance(garment_masks, GarmentMasks) else garment_masks
+            masks = garment_masks.masks if isinstance(garment_masks, masks_mod.GarmentMasks) else garment_masks
         return (apply_mod.apply(model, garment_features, strength, garment_weights, start_percent, end_percent,
                                 apply_to_uncond, masks),)
 
 
 class GarmentMasksNode:
-    DESCRIPTION = ("Builds GARMENT_MASKS from one MASK per garment, in Encode Garments order. With masks, garment k "
-                   "is seen only by pixels inside mask k (soft masks honoured); an all-zero mask switches that garment "
-                   "off.")
+    DESCRIPTION = ("Builds one mask per garment (in Encode Garments order) from any mix of: a MASK per garment, a box "
+                   "per garment, and pose keypoints from a DWPose/OpenPose preprocessor with a region rule per slot "
+                   "(upper: shoulders to hips with arms; lower: hips to ankles; dress: shoulders to knees; shoes: "
+                   "feet; hat: head; bag/other: mask or box only). Per garment a mask wins over a box, a box over the "
+                   "pose. With masks, garment k only reaches pixels inside mask k; an all-zero mask switches it off.")
     CATEGORY = CATEGORY
     FUNCTION = "build"
     RETURN_TYPES = ("GARMENT_MASKS", "MASK")
@@ -200,37 +191,74 @@ class GarmentMasksNode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        optional = {f"mask_{i}": ("MASK", {"tooltip": f"Region of garment {i} (optional)."})
-                    for i in range(2, MAX_GARMENTS + 1)}
+        optional = {
+            "garment_features": ("GARMENT_FEATURES", {"tooltip": "From Encode Garments: tells each garment's slot "
+                                                                 "(for the pose rules) and how many garments there "
+                                                                 "are."}),
+            "pose_keypoint": ("POSE_KEYPOINT", {"tooltip": "Keypoints from a DWPose / OpenPose preprocessor; "
+                                                           "garments without a mask or box get their slot's region."}),
+            "boxes": ("STRING", {"default": "", "multiline": True,
+                                 "tooltip": "One line per garment: 'x0, y0, x1, y1' in pixels (or fractions of the "
+                                            "size when all are <= 1); an empty line or '-' means none."}),
+        }
+        for i in range(1, MAX_GARMENTS + 1):
+            optional[f"mask_{i}"] = ("MASK", {"tooltip": f"Region of garment {i} (optional; any size, it is resized "
+                                                         f"to width x height)."})
         return {
-            "required": {"mask_1": ("MASK", {"tooltip": "Region of garment 1 in the output image (any size; it is "
-                                                        "resized to each attention layer)."})},
+            "required": {
+                "width": ("INT", {"default": 576, "min": 8, "max": 8192, "step": 8,
+                                  "tooltip": "Width of the image you generate (the masks' size)."}),
+                "height": ("INT", {"default": 768, "min": 8, "max": 8192, "step": 8,
+                                   "tooltip": "Height of the image you generate (the masks' size)."}),
+                "grow": ("INT", {"default": 0, "min": -512, "max": 512,
+                                 "tooltip": "Grow (positive) or shrink (negative) every mask by this many pixels."}),
+                "feather": ("INT", {"default": 0, "min": 0, "max": 512,
+                                    "tooltip": "Soften mask edges over this many pixels (soft masks scale a "
+                                               "garment's share)."}),
+                "person_index": ("INT", {"default": 0, "min": 0, "max": 64,
+                                         "tooltip": "Which person of the pose to dress (0 = the first)."}),
+            },
             "optional": optional,
         }
 
-    def build(self, mask_1, **optional):
-        node = "Garment Masks"
-        masks = []
-        for i in range(1, MAX_GARMENTS + 1):
-            m = mask_1 if i == 1 else optional.get(f"mask_{i}")
-            if m is None:
-                continue
-            if m.dim() == 2:
-                m = m.unsqueeze(0)
-            try:
-                m = normalize_masks(m)
-            except ValueError as e:
-                raise NodeError(node, f"mask_{i}: {e}") from None
-            masks.append(m)
-        h, w = masks[0].shape[-2:]
-        fitted = []
-        for m in masks:
-            if m.shape[-2:] != (h, w):
-                m = torch.nn.functional.interpolate(m.unsqueeze(1), size=(h, w), mode="bilinear",
-                                                    align_corners=False).squeeze(1)
-            fitted.append(m)
-        stacked = torch.cat(fitted, dim=0)
-        return (GarmentMasks(stacked), stacked)
+    def build(self, width, height, grow, feather, person_index, garment_features=None, pose_keypoint=None,
+              boxes="", **masks_in):
+        return masks_mod.build(width, height, grow, feather, person_index, garment_features, pose_keypoint, boxes,
+                               [masks_in.get(f"mask_{i}") for i in range(1, MAX_GARMENTS + 1)])
+
+
+class GarmentAttentionMaps:
+    DESCRIPTION = ("Shows where each garment went: runs the dressed MODEL once at a chosen point of the schedule and "
+                   "returns, per garment, how much attention each pixel gives to that garment's tokens (the paper's "
+                   "A_k, averaged over heads and the 16 layers), as overlays and as a MASK batch.")
+    CATEGORY = CATEGORY
+    FUNCTION = "maps"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("overlays", "maps")
+    OUTPUT_TOOLTIPS = ("One image per garment: its attention map tinted over `image`.",
+                       "One map per garment, values in [0, 1]; without masks they sum to 1 at every pixel.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The MODEL output of Apply Dressing-Attention."}),
+                "positive": ("CONDITIONING", {"tooltip": "The positive conditioning you sample with."}),
+                "latent": ("LATENT", {"tooltip": "A latent to look at, e.g. KSampler's output."}),
+                "at_percent": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                         "tooltip": "Point of the schedule to evaluate (0 = pure noise, 1 = the end)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+                                 "tooltip": "Seed of the noise added to reach that point."}),
+                "batch_index": ("INT", {"default": 0, "min": 0, "max": 4096,
+                                        "tooltip": "Which image of the latent batch to show."}),
+            },
+            "optional": {
+                "image": ("IMAGE", {"tooltip": "Optional image to draw the maps on (e.g. the decoded result)."}),
+            },
+        }
+
+    def maps(self, model, positive, latent, at_percent, seed, batch_index, image=None):
+        return maps_mod.attention_maps(model, positive, latent, at_percent, seed, batch_index, image)
 
 
 NODE_CLASS_MAPPINGS = {
@@ -238,6 +266,7 @@ NODE_CLASS_MAPPINGS = {
     "AnyDressingEncodeGarments": EncodeGarments,
     "AnyDressingApplyDressingAttention": ApplyDressingAttention,
     "AnyDressingGarmentMasks": GarmentMasksNode,
+    "AnyDressingGarmentAttentionMaps": GarmentAttentionMaps,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -245,4 +274,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AnyDressingEncodeGarments": "Encode Garments",
     "AnyDressingApplyDressingAttention": "Apply Dressing-Attention",
     "AnyDressingGarmentMasks": "Garment Masks",
+    "AnyDressingGarmentAttentionMaps": "Garment Attention Maps",
 }

@@ -37,7 +37,7 @@ def dressing_prompt(*, strength: float = 0.7, garments=((1, "upper"), (2, "lower
                  "garment_weights": weights, "start_percent": start, "end_percent": end,
                  "apply_to_uncond": include_uncond}
         if masks is not None:
-            gm = {}
+            gm = {"width": latent_w, "height": latent_h, "grow": 0, "feather": 0, "person_index": 0}
             for i, box in enumerate(masks, start=1):
                 x0, y0, x1, y1, value = box
                 p[f"mask{i}"] = {"class_type": "ADTestBoxMask",
