@@ -118,6 +118,41 @@ class CaptureModel:
         return {}
 
 
+class CaptureMask:
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": "mask"}), "mask": ("MASK",)},
+                "optional": {"image": ("IMAGE",)}}
+
+    def run(self, key, mask, image=None):
+        STORE[key] = mask.clone()
+        if image is not None:
+            STORE[key + "_image"] = image.clone()
+        return {}
+
+
+class Pose:
+    """A hand-written OpenPose POSE_KEYPOINT (what DWPose/OpenPose preprocessors output)."""
+
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("POSE_KEYPOINT",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"json": ("STRING", {"multiline": True, "default": "[]"})}}
+
+    def run(self, json):
+        import json as json_mod
+
+        return (json_mod.loads(json),)
+
+
 class ForeignAttn1:
     """Installs an attn1 replacement the way another pack would: scaled self-attention that counts its calls."""
 
@@ -210,6 +245,8 @@ NODE_CLASS_MAPPINGS = {
     "ADTestBoxMask": BoxMask,
     "ADTestCaptureLatent": CaptureLatent,
     "ADTestCaptureModel": CaptureModel,
+    "ADTestCaptureMask": CaptureMask,
+    "ADTestPose": Pose,
     "ADTestForeignAttn1": ForeignAttn1,
     "ADTestAddLoRA": AddLoRA,
 }

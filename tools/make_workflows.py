@@ -1,0 +1,188 @@
+"""Writes the example workflows in workflows/ (ComfyUI UI format). Run: python tools/make_workflows.py
+
+Kept as code so the graphs stay consistent (link ids, slot indices, widget order) when nodes change.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "workflows"
+SD15 = {"name": "v1-5-pruned-emaonly-fp16.safetensors",
+        "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+               "v1-5-pruned-emaonly-fp16.safetensors",
+        "directory": "checkpoints"}
+OPENPOSE = {"name": "control_v11p_sd15_openpose.pth",
+            "url": "https://huggingface.co/lllyasviel/ControlNet-v1-1/resolve/main/control_v11p_sd15_openpose.pth",
+            "directory": "controlnet"}
+ENCODE_INPUTS = ([("garments_net", "GARMENTS_NET"), ("vae", "VAE"), ("image_1", "IMAGE")] +
+                 [(f"image_{i}", "IMAGE") for i in range(2, 7)])
+MASK_INPUTS = ([("garment_features", "GARMENT_FEATURES"), ("pose_keypoint", "POSE_KEYPOINT")] +
+               [(f"mask_{i}", "MASK") for i in range(1, 7)])
+
+
+class Graph:
+    def __init__(self):
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def node(self, type_, pos, widgets, inputs, outputs, title=None, size=(320, 130)) -> int:
+        nid = len(self.nodes) + 1
+        n = {"id": nid, "type": type_, "pos": list(pos), "size": list(size), "flags": {}, "order": nid - 1, "mode": 0,
+             "inputs": [{"name": nm, "type": t, "link": None} for nm, t in inputs],
+             "outputs": [{"name": nm, "type": t, "links": [], "slot_index": i} for i, (nm, t) in enumerate(outputs)],
+             "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets)}
+        if title:
+            n["title"] = title
+        self.nodes.append(n)
+        return nid
+
+    def link(self, src: int, slot: int, dst: int, name: str) -> None:
+        a, b = self.nodes[src - 1], self.nodes[dst - 1]
+        typ = a["outputs"][slot]["type"]
+        lid = len(self.links) + 1
+        a["outputs"][slot]["links"].append(lid)
+        names = [i["name"] for i in b["inputs"]]
+        inp = b["inputs"][names.index(name)]
+        assert inp["type"] == typ, (b["type"], name, typ)
+        inp["link"] = lid
+        self.links.append([lid, src, slot, dst, names.index(name), typ])
+
+    def save(self, name: str, note: str, models: list[dict], uid: str) -> None:
+        for n in self.nodes:
+            n["outputs"] = [dict(o, links=o["links"] or None) for o in n["outputs"]]
+        wf = {"id": uid, "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+              "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
+              "extra": {"ds": {"scale": 0.7, "offset": [0, 0]}, "note": note}, "version": 0.4, "models": models}
+        (OUT / name).write_text(json.dumps(wf, indent=1) + "\n")
+
+
+def common(g: Graph, garments: list[tuple[str, str]]):
+    ckpt = g.node("CheckpointLoaderSimple", (20, 60), [SD15["name"]], [],
+                  [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], size=(320, 100))
+    pos = g.node("CLIPTextEncode", (380, 40), ["a photo of a woman wearing the garments, standing in a street, "
+                                              "full body, best quality"], [("clip", "CLIP")],
+                 [("CONDITIONING", "CONDITIONING")], title="Positive prompt", size=(400, 120))
+    neg = g.node("CLIPTextEncode", (380, 200), ["lowres, bad anatomy, worst quality, blurry"], [("clip", "CLIP")],
+                 [("CONDITIONING", "CONDITIONING")], title="Negative prompt", size=(400, 120))
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    images = []
+    for i, (slot, file) in enumerate(garments):
+        images.append(g.node("LoadImage", (20, 360 + 340 * i), [file, "image"], [],
+                             [("IMAGE", "IMAGE"), ("MASK", "MASK")], title=f"{slot.capitalize()} garment",
+                             size=(320, 320)))
+    gnet = g.node("AnyDressingLoadGarmentsNet", (380, 380), ["training-free"], [("model", "MODEL")],
+                  [("garments_net", "GARMENTS_NET")], size=(320, 80))
+    g.link(ckpt, 0, gnet, "model")
+    slots = [s for s, _ in garments] + ["hat", "bag", "other", "other", "other"]
+    enc = g.node("AnyDressingEncodeGarments", (380, 500), [slots[0], 576, 768] + slots[1:6], ENCODE_INPUTS,
+                 [("garment_features", "GARMENT_FEATURES"), ("garment_images", "IMAGE")], size=(320, 300))
+    g.link(gnet, 0, enc, "garments_net")
+    g.link(ckpt, 2, enc, "vae")
+    for i, img in enumerate(images, start=1):
+        g.link(img, 0, enc, f"image_{i}")
+    return ckpt, pos, neg, enc
+
+
+def upper_lower():
+    g = Graph()
+    ckpt, pos, neg, enc = common(g, [("upper", "garment_upper.png"), ("lower", "garment_lower.png")])
+    apply = g.node("AnyDressingApplyDressingAttention", (820, 380), [0.7, "", 0.0, 1.0, False],
+                   [("model", "MODEL"), ("garment_features", "GARMENT_FEATURES"), ("garment_masks", "GARMENT_MASKS")],
+                   [("model", "MODEL")], size=(340, 200))
+    latent = g.node("EmptyLatentImage", (820, 620), [576, 768, 1], [], [("LATENT", "LATENT")], size=(320, 110))
+    ks = g.node("KSampler", (1200, 60), [0, "fixed", 30, 6.0, "ddim", "normal", 1.0],
+                [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                 ("latent_image", "LATENT")], [("LATENT", "LATENT")], size=(320, 270))
+    dec = g.node("VAEDecode", (1200, 380), [], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")],
+                 size=(220, 50))
+    save = g.node("SaveImage", (1560, 60), ["AnyDressing"], [("images", "IMAGE")], [], size=(420, 560))
+    prev = g.node("PreviewImage", (820, 780), [], [("images", "IMAGE")], [],
+                  title="Garments as GarmentsNet sees them", size=(340, 300))
+    g.link(ckpt, 0, apply, "model")
+    g.link(enc, 0, apply, "garment_features")
+    g.link(apply, 0, ks, "model")
+    g.link(pos, 0, ks, "positive")
+    g.link(neg, 0, ks, "negative")
+    g.link(latent, 0, ks, "latent_image")
+    g.link(ks, 0, dec, "samples")
+    g.link(ckpt, 2, dec, "vae")
+    g.link(dec, 0, save, "images")
+    g.link(enc, 1, prev, "images")
+    g.save("anydressing_upper_lower.json",
+           "AnyDressing: upper + lower garment on your SD1.5 checkpoint. Load your garment photos, pick your "
+           "checkpoint. 'training-free' needs no extra weights; put an AnyDressing .safetensors in "
+           "models/anydressing to use trained weights.", [SD15], "4b2f6e2a-6f55-4d63-9a5e-0a1d2e55a001")
+
+
+def pose_three_garments():
+    g = Graph()
+    ckpt, pos, neg, enc = common(g, [("upper", "garment_upper.png"), ("lower", "garment_lower.png"),
+                                     ("shoes", "garment_shoes.png")])
+    ref = g.node("LoadImage", (20, 1400), ["pose_reference.png", "image"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+                 title="Pose reference (a person photo)", size=(320, 320))
+    dw = g.node("DWPreprocessor", (380, 900),
+                ["enable", "enable", "enable", 512, "yolox_l.onnx", "dw-ll_ucoco_384_bs5.torchscript.pt", "disable"],
+                [("image", "IMAGE")], [("IMAGE", "IMAGE"), ("POSE_KEYPOINT", "POSE_KEYPOINT")],
+                title="DWPose (comfyui_controlnet_aux)", size=(320, 220))
+    cnl = g.node("ControlNetLoader", (820, 40), [OPENPOSE["name"]], [], [("CONTROL_NET", "CONTROL_NET")],
+                 size=(320, 60))
+    cna = g.node("ControlNetApplyAdvanced", (820, 140), [1.0, 0.0, 1.0],
+                 [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("control_net", "CONTROL_NET"),
+                  ("image", "IMAGE"), ("vae", "VAE")],
+                 [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], size=(320, 190))
+    masks = g.node("AnyDressingGarmentMasks", (820, 380), [576, 768, 8, 8, 0, ""], MASK_INPUTS,
+                   [("garment_masks", "GARMENT_MASKS"), ("masks", "MASK")], size=(340, 300))
+    apply = g.node("AnyDressingApplyDressingAttention", (820, 720), [0.7, "", 0.0, 1.0, False],
+                   [("model", "MODEL"), ("garment_features", "GARMENT_FEATURES"), ("garment_masks", "GARMENT_MASKS")],
+                   [("model", "MODEL")], size=(340, 200))
+    latent = g.node("EmptyLatentImage", (820, 960), [576, 768, 1], [], [("LATENT", "LATENT")], size=(320, 110))
+    ks = g.node("KSampler", (1200, 60), [0, "fixed", 30, 6.0, "ddim", "normal", 1.0],
+                [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                 ("latent_image", "LATENT")], [("LATENT", "LATENT")], size=(320, 270))
+    dec = g.node("VAEDecode", (1200, 380), [], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")],
+                 size=(220, 50))
+    save = g.node("SaveImage", (1560, 60), ["AnyDressing"], [("images", "IMAGE")], [], size=(420, 560))
+    maps = g.node("AnyDressingGarmentAttentionMaps", (1200, 480), [0.5, 0, "fixed", 0],
+                  [("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT"), ("image", "IMAGE")],
+                  [("overlays", "IMAGE"), ("maps", "MASK")], size=(320, 200))
+    prev = g.node("PreviewImage", (1560, 660), [], [("images", "IMAGE")], [], title="Where each garment went",
+                  size=(420, 400))
+    pose_prev = g.node("PreviewImage", (380, 1160), [], [("images", "IMAGE")], [], title="Pose", size=(320, 300))
+    g.link(ref, 0, dw, "image")
+    g.link(pos, 0, cna, "positive")
+    g.link(neg, 0, cna, "negative")
+    g.link(cnl, 0, cna, "control_net")
+    g.link(dw, 0, cna, "image")
+    g.link(ckpt, 2, cna, "vae")
+    g.link(enc, 0, masks, "garment_features")
+    g.link(dw, 1, masks, "pose_keypoint")
+    g.link(ckpt, 0, apply, "model")
+    g.link(enc, 0, apply, "garment_features")
+    g.link(masks, 0, apply, "garment_masks")
+    g.link(apply, 0, ks, "model")
+    g.link(cna, 0, ks, "positive")
+    g.link(cna, 1, ks, "negative")
+    g.link(latent, 0, ks, "latent_image")
+    g.link(ks, 0, dec, "samples")
+    g.link(ckpt, 2, dec, "vae")
+    g.link(dec, 0, save, "images")
+    g.link(apply, 0, maps, "model")
+    g.link(cna, 0, maps, "positive")
+    g.link(ks, 0, maps, "latent")
+    g.link(dec, 0, maps, "image")
+    g.link(maps, 0, prev, "images")
+    g.link(dw, 0, pose_prev, "images")
+    g.save("anydressing_pose_three_garments.json",
+           "AnyDressing with pose: upper + lower + shoes. DWPose (needs the comfyui_controlnet_aux pack) gives the "
+           "pose image for the OpenPose ControlNet and the keypoints for Garment Masks, which keeps each garment in "
+           "its body region. Garment Attention Maps shows where each garment went.",
+           [SD15, OPENPOSE], "4b2f6e2a-6f55-4d63-9a5e-0a1d2e55a002")
+
+
+if __name__ == "__main__":
+    upper_lower()
+    pose_three_garments()
+    print("written:", ", ".join(p.name for p in sorted(OUT.glob("*.json"))))
