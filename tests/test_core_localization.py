@@ -140,3 +140,22 @@ def test_a_garment_cannot_reach_queries_outside_its_mask():
     out2 = garment_attention(q, keys2, values2, 4, segs, masks=masks)
     assert torch.equal(out[:, :12], out2[:, :12])  # bit-identical where garment 2 is masked out
     assert not torch.equal(out[:, 12:], out2[:, 12:])
+
+
+def test_dense_bias_formulation_equals_the_per_garment_path():
+    """The benchmark's alternative (one attention with a [queries x tokens] bias) computes the same thing."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from masked_attention import dense_bias_attention
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 30, 32, generator=g)
+    keys, values = torch.randn(1, 21, 32, generator=g), torch.randn(1, 21, 32, generator=g)
+    segs = [(0, 7), (7, 14), (14, 21)]
+    masks = (torch.rand(3, 30, generator=g) > 0.4).float()
+    masks[:, 3] = 0
+    ours = garment_attention(q, keys, values, 8, segs, masks=masks)
+    dense = dense_bias_attention(q, keys, values, 8, segs, masks)
+    torch.testing.assert_close(ours, dense, atol=1e-5, rtol=1e-5)
