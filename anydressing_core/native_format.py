@@ -96,6 +96,13 @@ def parse_native(tensors: dict[str, torch.Tensor], metadata: Optional[dict], nam
             raise FormatError(f"{name}: metadata slot {s!r} is not one of {', '.join(SLOTS)}")
     default_alpha = metadata.get("lora_alpha")
 
+    bad = [k for k, t in tensors.items() if not isinstance(t, torch.Tensor) or not t.is_floating_point()]
+    if bad:
+        raise FormatError(f"{name}: tensors must be floating point; not so: {_first_keys(bad)}")
+    nonfinite = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if nonfinite:
+        raise FormatError(f"{name} holds NaN or infinite values in {_first_keys(nonfinite)}; the file is damaged, "
+                          f"download or convert it again")
     out = NativeContents(slots=slots, metadata=metadata)
     raw_lora: dict[tuple[str, LayerKey, str], dict[str, torch.Tensor]] = {}
     unknown = []
@@ -148,9 +155,14 @@ def parse_native(tensors: dict[str, torch.Tensor], metadata: Optional[dict], nam
                               f"down {tuple(down.shape)} / up {tuple(up.shape)}")
         rank = down.shape[0]
         if "alpha" in parts:
+            if parts["alpha"].numel() != 1:
+                raise FormatError(f"{name}: LoRA alpha for slot {slot!r} layer {lkey} to_{proj} must be one number")
             alpha = float(parts["alpha"].float().reshape(-1)[0])
         elif default_alpha is not None:
-            alpha = float(default_alpha)
+            try:
+                alpha = float(default_alpha)
+            except ValueError:
+                raise FormatError(f"{name}: metadata lora_alpha {default_alpha!r} is not a number") from None
         else:
             alpha = float(rank)
         out.loras.setdefault(slot, {}).setdefault(lkey, {})[proj] = LoRA(down=down, up=up, scale=alpha / rank)

@@ -36,12 +36,26 @@ def fit_and_pad(image: torch.Tensor, height: int, width: int, pad_value: float =
     return out.permute(0, 2, 3, 1)
 
 
+MAX_SIDE = 4096  # larger garment photos are first thinned to this, so a huge image never costs gigabytes
+
+
+def thin_huge(image: torch.Tensor, max_side: int = MAX_SIDE) -> tuple[torch.Tensor, int]:
+    """Keep every s-th pixel of an image whose longer side exceeds max_side (a view: no copy of the big image)."""
+    step = -(-max(image.shape[1], image.shape[2]) // max_side)
+    if step <= 1:
+        return image, 1
+    return image[:, ::step, ::step, :], step
+
+
 def prepare_garment(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Validate and convert one IMAGE batch to [B, height, width, 3] float32 in [0, 1]."""
     if image.dim() != 4:
         raise ValueError(f"expected an IMAGE tensor [B, H, W, C]; got shape {tuple(image.shape)}")
     if image.shape[0] == 0:
         raise ValueError("the garment image batch is empty")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"the garment image is {image.shape[2]}x{image.shape[1]} pixels")
+    image, _ = thin_huge(image)
     image = image.float()
     if not bool(torch.isfinite(image).all()):
         raise ValueError("the garment image contains NaN or infinite values")

@@ -160,4 +160,10 @@ def load(choice: str, path: Optional[str], base_model: Optional[Any]) -> Garment
         contents = read_native(path)
     except FormatError as e:
         raise NodeError(NODE, f"{e}") from None
-    return from_contents(contents, os.path.basename(path), base_model)
+    try:
+        return from_contents(contents, os.path.basename(path), base_model)
+    except NodeError:
+        raise
+    except Exception as e:  # weights that parse but cannot form a UNet: say so, never a bare traceback
+        raise NodeError(NODE, f"{os.path.basename(path)}: the GarmentsNet weights do not form an SD1.5 UNet "
+                              f"({type(e).__name__}: {e}); re-convert or re-download the file") from None

@@ -6,14 +6,14 @@ import torch
 
 import folder_paths
 
-from ..anydressing_core.preprocess import prepare_garment
+from ..anydressing_core.preprocess import MAX_SIDE, prepare_garment
 from ..anydressing_core.slots import SLOTS
 from . import apply as apply_mod
 from . import attention_maps as maps_mod
 from . import garment_masks as masks_mod
 from . import encode as encode_mod
 from . import garments_net as gnet_mod
-from .glue import NodeError
+from .glue import NodeError, warn
 
 CATEGORY = "AnyDressing"
 FOLDER = "anydressing"
@@ -117,6 +117,9 @@ class EncodeGarments:
             if image is None:
                 continue
             slot = slot_1 if i == 1 else optional.get(f"slot_{i}", DEFAULT_SLOTS[i - 1])
+            if max(image.shape[1:3]) > MAX_SIDE:
+                warn(f"Encode Garments: image_{i} is {image.shape[2]}x{image.shape[1]}; it is downscaled to at most "
+                     f"{MAX_SIDE} pixels a side before fitting it to {width}x{height}")
             try:
                 prepared = prepare_garment(image, height, width)
             except ValueError as e:

@@ -24,10 +24,11 @@ class TinyModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0}), "model_channels": ("INT", {"default": 32})}}
+        return {"required": {"seed": ("INT", {"default": 0}), "model_channels": ("INT", {"default": 32})},
+                "optional": {"weight_dtype": (["float32", "float16", "bfloat16"], {"default": "float32"})}}
 
-    def run(self, seed, model_channels):
-        return (tiny.tiny_model_patcher(seed, model_channels),)
+    def run(self, seed, model_channels, weight_dtype="float32"):
+        return (tiny.tiny_model_patcher(seed, model_channels, getattr(torch, weight_dtype)),)
 
 
 class TinyVAE:
@@ -153,6 +154,43 @@ class Pose:
         return (json_mod.loads(json),)
 
 
+class InterruptAt:
+    """Raises ComfyUI's interrupt exception at the n-th model call (what the server's progress hook raises)."""
+
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "call": ("INT", {"default": 2}),
+                             "sleep": ("FLOAT", {"default": 0.0})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # a fresh counter every run
+
+    def run(self, model, call, sleep):
+        import time
+
+        import comfy.model_management
+        import comfy.patcher_extension
+
+        state = {"calls": 0}
+
+        def wrapper(executor, *args, **kwargs):
+            state["calls"] += 1
+            if sleep:
+                time.sleep(sleep)
+            if call and state["calls"] == call:
+                raise comfy.model_management.InterruptProcessingException()
+            return executor(*args, **kwargs)
+
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "adtest_interrupt", wrapper)
+        return (m,)
+
+
 class ForeignAttn1:
     """Installs an attn1 replacement the way another pack would: scaled self-attention that counts its calls."""
 
@@ -248,5 +286,6 @@ NODE_CLASS_MAPPINGS = {
     "ADTestCaptureMask": CaptureMask,
     "ADTestPose": Pose,
     "ADTestForeignAttn1": ForeignAttn1,
+    "ADTestInterruptAt": InterruptAt,
     "ADTestAddLoRA": AddLoRA,
 }

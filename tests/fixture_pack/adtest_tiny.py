@@ -51,15 +51,17 @@ def tiny_unet_state_dict(seed: int = 0, model_channels: int = 32) -> dict[str, t
     return {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
 
-def tiny_model_patcher(seed: int = 0, model_channels: int = 32):
+def tiny_model_patcher(seed: int = 0, model_channels: int = 32, weight_dtype: torch.dtype = torch.float32):
+    """A MODEL like ComfyUI's loaders return; weights stored in weight_dtype, computed in fp32 (manual cast) on CPU."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
     cfg = comfy.supported_models.SD15(tiny_unet_config(model_channels))
-    cfg.set_inference_dtype(torch.float32, None)
+    cfg.set_inference_dtype(weight_dtype, None if weight_dtype == torch.float32 else torch.float32)
     model = cfg.get_model({}, "")
-    model.diffusion_model.load_state_dict(tiny_unet_state_dict(seed, model_channels))
+    sd = tiny_unet_state_dict(seed, model_channels)
+    model.diffusion_model.load_state_dict({k: v.to(weight_dtype) for k, v in sd.items()})
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 

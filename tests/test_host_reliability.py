@@ -1,0 +1,152 @@
+"""Host: cancel, isolation, dtypes and offload, bad input, and fuzzed files through Load GarmentsNet."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+
+import graphs
+from anydressing_core.native_format import write_native
+from test_core_fuzz import mutate
+
+pytestmark = pytest.mark.host
+
+
+def run(host, store, key, **kw):
+    r = host.run(graphs.dressing_prompt(capture_key=key, **kw))
+    assert r["success"], r["errors"]
+    return store[key]
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_interrupt_mid_sampling_leaves_no_state(host, store, monkeypatch):
+    reference = run(host, store, "reference", steps=3)
+    branch_mod = host.pack_module("anydressing_core.branch")
+    cleared = []
+    original_clear = branch_mod.RunCache.clear
+    monkeypatch.setattr(branch_mod.RunCache, "clear", lambda self: (cleared.append(len(self)), original_clear(self)))
+    interrupt = {"stop": {"class_type": "ADTestInterruptAt", "inputs": {"model": ["model", 0], "call": 2,
+                                                                        "sleep": 0.0}}}
+    p = graphs.dressing_prompt(capture_key="interrupted", steps=3, pre_model=interrupt)
+    p["cap_model"] = {"class_type": "ADTestCaptureModel", "inputs": {"key": "patched", "model": ["apply", 0]}}
+    r = host.run(p)
+    assert not r["success"] and "interrupted" not in store
+    assert cleared and cleared[0] == 16  # the run cache was filled, then emptied in the wrapper's finally
+    patched = store["patched"]
+    assert "anydressing_run_cache" not in patched.model_options["transformer_options"]
+    # the next prompt gives the same result as before the interruption
+    again = run(host, store, "again", steps=3)
+    assert torch.equal(again, reference)
+
+
+def test_two_apply_branches_of_one_graph_do_not_see_each_other(host, store):
+    a = run(host, store, "a", garments=((1, "upper"),))
+    b = run(host, store, "b", garments=((5, "lower"),))
+    p = graphs.dressing_prompt(capture_key="a2", garments=((1, "upper"),))
+    p["img_b"] = {"class_type": "ADTestGarmentImage", "inputs": {"seed": 5, "width": 48, "height": 64}}
+    p["enc_b"] = {"class_type": "AnyDressingEncodeGarments",
+                  "inputs": {"garments_net": ["gnet", 0], "vae": ["vae", 0], "image_1": ["img_b", 0],
+                             "slot_1": "lower", "width": 48, "height": 64}}
+    p["apply_b"] = {"class_type": "AnyDressingApplyDressingAttention",
+                    "inputs": {**p["apply"]["inputs"], "garment_features": ["enc_b", 0]}}
+    p["sampler_b"] = {"class_type": "KSampler", "inputs": {**p["sampler"]["inputs"], "model": ["apply_b", 0]}}
+    p["capture_b"] = {"class_type": "ADTestCaptureLatent", "inputs": {"key": "b2", "samples": ["sampler_b", 0]}}
+    r = host.run(p)
+    assert r["success"], r["errors"]
+    assert torch.equal(store["a2"], a) and torch.equal(store["b2"], b)
+    assert not torch.equal(a, b)
+
+
+def test_weight_dtypes_and_offloaded_garments_net(host, store):
+    import comfy.model_management as mm
+
+    fp32 = run(host, store, "fp32")
+    plain = run(host, store, "plain", patched=False)
+    mm.unload_all_models()
+    host.executor(fresh=True)  # empty node cache: GarmentsNet encodes again after being offloaded
+    assert torch.equal(run(host, store, "reloaded"), fp32)
+    for dtype, tol in (("float16", 0.02), ("bfloat16", 0.1)):
+        p = graphs.dressing_prompt(capture_key=dtype)
+        p["model"]["inputs"]["weight_dtype"] = dtype
+        r = host.run(p)
+        assert r["success"], r["errors"]
+        assert rel(store[dtype], fp32) < tol, dtype
+        assert rel(store[dtype], fp32) < rel(fp32, plain) / 3, dtype
+
+
+def encode_node(host, **images):
+    cls = host.nodes.NODE_CLASS_MAPPINGS["AnyDressingEncodeGarments"]
+    import adtest_tiny
+
+    gn = host.pack_module("nodes.garments_net")
+    gnet = gn.load("training-free", None, adtest_tiny.tiny_model_patcher(0))
+    return cls().encode(gnet, adtest_tiny.tiny_vae(0), slot_1="upper", width=48, height=64, **images)
+
+
+def test_odd_images_are_converted(host, caplog):
+    g = torch.Generator().manual_seed(0)
+    gray = torch.rand(1, 40, 30, 1, generator=g)
+    rgba = torch.rand(1, 50, 20, 4, generator=g)
+    tiny_img = torch.rand(1, 1, 1, 3, generator=g)
+    huge = torch.rand(1, 1, 1, 3, generator=g).expand(1, 10000, 10000, 3)  # a view: no 1.2 GB allocation
+    with caplog.at_level(logging.WARNING):
+        feats, pixels = encode_node(host, image_1=gray, image_2=rgba, slot_2="lower", image_3=tiny_img,
+                                    slot_3="hat", image_4=huge, slot_4="bag")
+    assert feats.count == 4 and pixels.shape == (4, 64, 48, 3)
+    assert "image_4 is 10000x10000; it is downscaled to at most 4096 pixels a side" in caplog.text
+    assert torch.isfinite(pixels).all() and float(pixels.min()) >= 0 and float(pixels.max()) <= 1
+
+
+def test_bad_images_and_masks_get_node_errors(host):
+    with pytest.raises(Exception, match=r"\[AnyDressing\] Encode Garments: image_1: the garment image contains NaN "
+                                         r"or infinite values; connect an RGB IMAGE"):
+        encode_node(host, image_1=torch.full((1, 8, 8, 3), float("nan")))
+    with pytest.raises(Exception, match=r"Encode Garments: image_1: the garment image batch is empty"):
+        encode_node(host, image_1=torch.zeros(0, 8, 8, 3))
+    with pytest.raises(Exception, match=r"Encode Garments: 17 garments given; at most 16"):
+        encode_node(host, image_1=torch.rand(17, 8, 8, 3))
+    masks = host.nodes.NODE_CLASS_MAPPINGS["AnyDressingGarmentMasks"]()
+    with pytest.raises(Exception, match=r"\[AnyDressing\] Garment Masks: mask_1: garment masks contain NaN or "
+                                         r"infinite values; fix the mask that feeds it"):
+        masks.build(64, 64, 0, 0, 0, mask_1=torch.full((1, 8, 8), float("inf")))
+    with pytest.raises(Exception, match=r"Garment Masks: no garment to build a mask for"):
+        masks.build(64, 64, 0, 0, 0)
+
+
+def test_fuzzed_files_through_load_garments_net_and_encode(host):
+    """Every mutated file ends in the pack's own error or a valid load and encode; nothing else escapes."""
+    import adtest_tiny
+
+    gn = host.pack_module("nodes.garments_net")
+    enc = host.pack_module("nodes.encode")
+    node_error = host.pack_module("nodes.glue").NodeError
+    base = adtest_tiny.tiny_model_patcher(0)
+    sd = adtest_tiny.tiny_unet_state_dict(0)
+    g = torch.Generator().manual_seed(0)
+    paths = ["input_blocks.1.1.transformer_blocks.0", "output_blocks.9.1.transformer_blocks.0"]
+    loras = {p: {"q": (torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g), 1.0)} for p in paths}
+    dressing = {p: (sd[f"{p}.attn1.to_k.weight"], sd[f"{p}.attn1.to_v.weight"]) for p in paths}
+    seed_path = host.anydressing_dir() / "fuzz_seed.safetensors"
+    write_native(str(seed_path), loras={"upper": loras}, dressing=dressing)
+    data = seed_path.read_bytes()
+    rng = random.Random(99)
+    latents = torch.randn(1, 4, 8, 6, generator=g)
+    outcomes = {"node_error": 0, "loaded_and_encoded": 0}
+    for i in range(60):
+        path = host.anydressing_dir() / f"fuzz_{i}.safetensors"
+        path.write_bytes(mutate(data, rng))
+        try:
+            gnet = gn.load(path.name, str(path), base)
+            enc.encode(gnet, latents, ["upper"])
+            outcomes["loaded_and_encoded"] += 1
+        except node_error:
+            outcomes["node_error"] += 1
+        path.unlink()
+    print("fuzz outcomes", outcomes)
+    assert outcomes["node_error"] > 0 and outcomes["loaded_and_encoded"] > 0, outcomes
