@@ -150,3 +150,22 @@ def test_fuzzed_files_through_load_garments_net_and_encode(host):
         path.unlink()
     print("fuzz outcomes", outcomes)
     assert outcomes["node_error"] > 0 and outcomes["loaded_and_encoded"] > 0, outcomes
+
+
+def test_sixteen_bit_png_through_load_image(host, store):
+    """A 16-bit grayscale PNG, loaded by ComfyUI's own LoadImage, is converted and encoded."""
+    import numpy as np
+    from PIL import Image
+
+    inputs = host.base / "input"
+    inputs.mkdir(parents=True, exist_ok=True)
+    ramp = (np.linspace(0, 65535, 48 * 64).reshape(64, 48)).astype(np.uint16)
+    img = Image.new("I;16", (48, 64))
+    img.frombytes(ramp.tobytes())
+    img.save(inputs / "garment16.png")
+    assert Image.open(inputs / "garment16.png").mode.startswith("I")
+    p = graphs.dressing_prompt(capture_key="png16")
+    p["img1"] = {"class_type": "LoadImage", "inputs": {"image": "garment16.png"}}
+    r = host.run(p)
+    assert r["success"], r["errors"]
+    assert torch.isfinite(store["png16"]).all()
