@@ -123,7 +123,7 @@ class DressingBranch:
     def __init__(self, layers: dict[LayerKey, DressingLayer], strength: float = 0.7,
                  weights: Optional[Sequence[float]] = None, masks: Optional[torch.Tensor] = None,
                  sigma_start: float = float("inf"), sigma_end: float = 0.0, include_uncond: bool = False,
-                 attention: AttentionFn = sdpa_attention):
+                 attention: AttentionFn = sdpa_attention, mode: str = "dressing"):
         self.layers = layers
         self.strength = float(strength)
         self.weights = None if weights is None else tuple(float(w) for w in weights)
@@ -132,6 +132,12 @@ class DressingBranch:
         self.sigma_end = float(sigma_end)
         self.include_uncond = bool(include_uncond)
         self.attention = attention
+        if mode not in ("dressing", "concat"):
+            raise ValueError(f"unknown injection mode {mode!r}")
+        if mode == "concat" and (masks is not None or self.weights is not None):
+            raise ValueError("garment masks and weights need Dressing-Attention weights; concat-mode files "
+                             "(MagicClothing) join all garment tokens to the latent tokens instead")
+        self.mode = mode
         self.full_schedule = self.sigma_start >= 1e8 and self.sigma_end <= 0.0
 
     def __deepcopy__(self, memo):
@@ -195,10 +201,30 @@ class DressingBranch:
             cache[ck] = m
         return m
 
+    def extra_tokens(self, key: LayerKey, q: torch.Tensor, extra: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Concat mode (MagicClothing): K/V tokens to join to the layer's own, [B, L, C] each; None when inactive.
+
+        Rows that see the garments get F W_k / F W_v (values scaled by strength); the other rows get zero tokens,
+        as MagicClothing gives its unconditional rows.
+        """
+        layer = self.layers.get(key)
+        if self.mode != "concat" or layer is None or not self.active_at(extra):
+            return None
+        ranges = self.rows(extra, q.shape[0])
+        if not ranges:
+            return None
+        kp, vp = self.projected(key, layer, q.device, q.dtype, extra.get(RUN_CACHE_KEY))
+        k_add = q.new_zeros((q.shape[0], kp.shape[1], kp.shape[2]))
+        v_add = q.new_zeros((q.shape[0], vp.shape[1], vp.shape[2]))
+        for start, end in _merge(ranges):
+            k_add[start:end] = kp
+            v_add[start:end] = vp * self.strength
+        return k_add, v_add
+
     def output(self, key: LayerKey, q: torch.Tensor, extra: dict) -> Optional[list[tuple[int, int, torch.Tensor]]]:
         """lambda * G for the rows that see garments, as (start, end, tensor) pieces; None when inactive here."""
         layer = self.layers.get(key)
-        if layer is None or not self.active_at(extra):
+        if self.mode != "dressing" or layer is None or not self.active_at(extra):
             return None
         ranges = self.rows(extra, q.shape[0])
         if not ranges:
@@ -257,6 +283,11 @@ class DressingAttentionReplace:
         return self
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
+        joined = [b.extra_tokens(self.key, q, extra) for b in self.branches if b.mode == "concat"]
+        joined = [j for j in joined if j is not None]
+        if joined:  # concat mode: one softmax over the latent tokens and the garment tokens
+            k = torch.cat([k] + [j[0].to(k.dtype) for j in joined], dim=1)
+            v = torch.cat([v] + [j[1].to(v.dtype) for j in joined], dim=1)
         if self.previous is not None:
             out = self.previous(q, k, v, extra)
         else:

@@ -25,6 +25,7 @@ class GarmentFeatures:
     grids: dict[LayerKey, tuple[int, int]] = field(default_factory=dict)
     dressing_weights: dict[LayerKey, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = field(default_factory=dict)
     source: str = ""
+    injection: str = "dressing"  # "dressing" (eq. 6) or "concat" (MagicClothing: tokens joined before projection)
 
     @property
     def count(self) -> int:

@@ -39,3 +39,11 @@ def sort_keys(keys) -> list[LayerKey]:
     """Order layers as the UNet runs them: input blocks, middle, output blocks."""
     order = {"input": 0, "middle": 1, "output": 2}
     return sorted(keys, key=lambda k: (order.get(k[0], 3), k[1], k[2]))
+
+
+def path_from_key(key: LayerKey) -> str:
+    """SD1.5 layout: the SpatialTransformer sits at index 1 of its input/output block and of the middle block."""
+    name, block_id, index = key
+    if name == "middle":
+        return f"middle_block.1.transformer_blocks.{index}"
+    return f"{name}_blocks.{block_id}.1.transformer_blocks.{index}"

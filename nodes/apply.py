@@ -72,9 +72,13 @@ def apply(model: Any, features: GarmentFeatures, strength: float, weights_text: 
     m = model.clone()
     blocks = glue.self_attention_layers(m.model.diffusion_model)
     layers = build_layers(features, blocks)
-    branch = DressingBranch(layers, strength=strength, weights=weights, masks=masks,
-                            sigma_start=glue.percent_to_sigma(m, start_percent),
-                            sigma_end=glue.percent_to_sigma(m, end_percent),
-                            include_uncond=include_uncond, attention=glue.garment_attention_fn)
+    mode = getattr(features, "injection", "dressing")
+    try:
+        branch = DressingBranch(layers, strength=strength, weights=weights, masks=masks,
+                                sigma_start=glue.percent_to_sigma(m, start_percent),
+                                sigma_end=glue.percent_to_sigma(m, end_percent),
+                                include_uncond=include_uncond, attention=glue.garment_attention_fn, mode=mode)
+    except ValueError as e:
+        raise glue.NodeError(NODE, f"{features.source}: {e}; disconnect garment_masks and clear garment_weights") from None
     glue.install_branch(m, branch, list(layers))
     return m

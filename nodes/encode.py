@@ -30,8 +30,18 @@ def check_loras(gnet: GarmentsNet, channels: dict) -> None:
                                                f"to_{proj} is for width {lora.down.shape[1]}, the layer has {c}")
 
 
-def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str]) -> GarmentFeatures:
+def empty_prompt_context(clip, n: int) -> torch.Tensor:
+    """The empty prompt's text embedding, which MagicClothing feeds its garment UNet."""
+    tokens = clip.tokenize("")
+    cond = clip.encode_from_tokens(tokens)
+    return cond.expand(n, -1, -1)
+
+
+def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str], clip=None) -> GarmentFeatures:
     """latents: raw VAE latents [N, 4, h, w]; row k is garment k with slot row_slots[k]."""
+    if gnet.text_context and clip is None:
+        raise glue.NodeError(NODE, f"{gnet.source} runs its garment UNet with the empty prompt's text embedding, as "
+                                   f"its authors did: connect your checkpoint's CLIP to the 'clip' input")
     patcher = gnet.patcher
     glue.load_for_inference([patcher])
     model = patcher.model
@@ -51,14 +61,18 @@ def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str]) -> Ga
     x = model.process_latent_in(latents.to(torch.float32)).to(device=device, dtype=dtype)
     n = x.shape[0]
     context_dim = int(model.model_config.unet_config.get("context_dim", 768))
-    context = torch.zeros((n, 1, context_dim), device=device, dtype=dtype)
     timesteps = torch.zeros((n,), device=device, dtype=torch.float32)
 
     hooks = GarmentEncodeHooks(row_slots, gnet.loras, glue.self_attention)
-    transformer_options = {
-        "patches": {"attn1_patch": [hooks.capture], "attn2_output_patch": [zero_cross_attention_output]},
-        "patches_replace": {"attn2": {k: zero_cross_attention_replace for k in blocks}},
-    }
+    if gnet.text_context:
+        context = empty_prompt_context(clip, n).to(device=device, dtype=dtype)
+        transformer_options = {"patches": {"attn1_patch": [hooks.capture]}, "patches_replace": {}}
+    else:  # the paper excises cross-attention: its output is zeroed
+        context = torch.zeros((n, 1, context_dim), device=device, dtype=dtype)
+        transformer_options = {
+            "patches": {"attn1_patch": [hooks.capture], "attn2_output_patch": [zero_cross_attention_output]},
+            "patches_replace": {"attn2": {k: zero_cross_attention_replace for k in blocks}},
+        }
     if any(slot in gnet.loras for slot in row_slots):
         transformer_options["patches_replace"]["attn1"] = {k: hooks.gfe_replace for k in blocks}
     with torch.no_grad():
@@ -72,7 +86,7 @@ def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str]) -> Ga
     captured = {k: hooks.captured[k].to(store) for k in blocks}
     dressing = {k: (d.get("k"), d.get("v")) for k, d in gnet.dressing.items()}
     feats = GarmentFeatures.from_batched(row_slots, captured, hooks.grids, dressing_weights=dressing,
-                                         source=gnet.source)
+                                         source=gnet.source, injection=gnet.injection)
     glue.info(f"{NODE}: encoded {n} garment(s) ({', '.join(row_slots)}) with {gnet.source}: {len(blocks)} layers, "
               f"{feats.nbytes_per_garment() / 2**20:.1f} MiB per garment")
     return feats

@@ -16,7 +16,8 @@ import comfy.utils
 
 from ..anydressing_core.layers import LayerKey
 from ..anydressing_core.lora import SlotLoRAs
-from ..anydressing_core.native_format import FormatError, NativeContents, read_native
+from ..anydressing_core.formats import load_contents
+from ..anydressing_core.native_format import FormatError, NativeContents
 from .glue import NodeError
 
 NODE = "Load GarmentsNet"
@@ -31,6 +32,8 @@ class GarmentsNet:
     loras: SlotLoRAs = field(default_factory=dict)
     dressing: dict[LayerKey, dict[str, torch.Tensor]] = field(default_factory=dict)
     source: str = TRAINING_FREE
+    injection: str = "dressing"  # "dressing" (eq. 6, additive) or "concat" (MagicClothing)
+    text_context: bool = False  # the authors ran this garment UNet with the empty prompt's text embedding
 
     @property
     def slots(self) -> list[str]:
@@ -144,10 +147,15 @@ def from_contents(contents: NativeContents, name: str, base_model: Optional[Any]
         raise NodeError(NODE, f"{name} holds no GarmentsNet UNet weights (only LoRA / Dressing-Attention weights), "
                               f"so GarmentsNet is the base MODEL's UNet: connect your checkpoint's MODEL to the "
                               f"'model' input")
-    return GarmentsNet(patcher=patcher, loras=contents.loras, dressing=contents.dressing, source=name)
+    injection = contents.metadata.get("injection", "dressing")
+    if injection not in ("dressing", "concat"):
+        raise NodeError(NODE, f"{name}: metadata injection {injection!r} is not 'dressing' or 'concat'")
+    text = contents.metadata.get("text_context", "1" if injection == "concat" else "0") == "1"
+    return GarmentsNet(patcher=patcher, loras=contents.loras, dressing=contents.dressing, source=name,
+                       injection=injection, text_context=text)
 
 
-def load(choice: str, path: Optional[str], base_model: Optional[Any]) -> GarmentsNet:
+def load(choice: str, path: Optional[str], base_model: Optional[Any], extra_path: Optional[str] = None) -> GarmentsNet:
     if choice == TRAINING_FREE:
         if base_model is None:
             raise NodeError(NODE, "'training-free' uses the base MODEL's own UNet as GarmentsNet: connect your "
@@ -156,8 +164,11 @@ def load(choice: str, path: Optional[str], base_model: Optional[Any]) -> Garment
     if path is None or not os.path.isfile(path):
         raise NodeError(NODE, f"GarmentsNet file {choice!r} not found (expected at {path or choice}); put it in "
                               f"ComfyUI/models/anydressing/ and refresh")
+    if extra_path is not None and not os.path.isfile(extra_path):
+        raise NodeError(NODE, f"extra weights file not found (expected at {extra_path}); put it in "
+                              f"ComfyUI/models/anydressing/ and refresh")
     try:
-        contents = read_native(path)
+        contents = load_contents(path, extra_path)
     except FormatError as e:
         raise NodeError(NODE, f"{e}") from None
     try:

@@ -57,21 +57,31 @@ class LoadGarmentsNet:
             "optional": {
                 "model": ("MODEL", {"tooltip": "Your SD1.5-family checkpoint's MODEL. Needed for 'training-free' and "
                                                "for files that hold only LoRA / Dressing-Attention weights."}),
+                "extra_weights_name": (["none"] + folder_paths.get_filename_list(FOLDER), {
+                    "default": "none",
+                    "tooltip": "A second file with Dressing-Attention weights for the first one, e.g. MagicClothing's "
+                               "ip_layer.pth next to garment_extractor.safetensors ('stable')."}),
             },
         }
 
-    def load(self, garments_net_name, model=None):
+    def load(self, garments_net_name, model=None, extra_weights_name="none"):
         path = None
         if garments_net_name != gnet_mod.TRAINING_FREE:
-            path = folder_paths.get_full_path(FOLDER, garments_net_name)
-            if path is None:
-                import os
-                path = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], garments_net_name)
-        return (gnet_mod.load(garments_net_name, path, model),)
+            path = _model_path(garments_net_name)
+        extra = None if extra_weights_name in (None, "", "none") else _model_path(extra_weights_name)
+        return (gnet_mod.load(garments_net_name, path, model, extra),)
+
+
+def _model_path(name: str) -> str:
+    """The file's full path, or where it was expected (for the error message)."""
+    import os
+
+    return folder_paths.get_full_path(FOLDER, name) or os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name)
 
 
 def _garment_inputs():
-    optional = {}
+    optional = {"clip": ("CLIP", {"tooltip": "Your checkpoint's CLIP. Needed only by garment models that their "
+                                             "authors ran with the empty prompt (MagicClothing)."})}
     for i in range(2, MAX_GARMENTS + 1):
         optional[f"image_{i}"] = ("IMAGE", {"tooltip": f"Garment {i} (optional). Any size; a batch adds one garment "
                                                        f"per image, all with slot_{i}."})
@@ -108,7 +118,7 @@ class EncodeGarments:
             "optional": _garment_inputs(),
         }
 
-    def encode(self, garments_net, vae, image_1, slot_1, width, height, **optional):
+    def encode(self, garments_net, vae, image_1, slot_1, width, height, clip=None, **optional):
         if not isinstance(garments_net, gnet_mod.GarmentsNet):
             raise NodeError(encode_mod.NODE, "garments_net must come from a Load GarmentsNet node")
         images, slots = [], []
@@ -130,7 +140,7 @@ class EncodeGarments:
         if pixels.shape[0] > 16:
             raise NodeError(encode_mod.NODE, f"{pixels.shape[0]} garments given; at most 16 are supported in one set")
         latents = vae.encode(pixels)
-        features = encode_mod.encode(garments_net, latents, slots)
+        features = encode_mod.encode(garments_net, latents, slots, clip)
         return (features, pixels)
 
 

@@ -16,7 +16,7 @@ SD15 = {"name": "v1-5-pruned-emaonly-fp16.safetensors",
 OPENPOSE = {"name": "control_v11p_sd15_openpose.pth",
             "url": "https://huggingface.co/lllyasviel/ControlNet-v1-1/resolve/main/control_v11p_sd15_openpose.pth",
             "directory": "controlnet"}
-ENCODE_INPUTS = ([("garments_net", "GARMENTS_NET"), ("vae", "VAE"), ("image_1", "IMAGE")] +
+ENCODE_INPUTS = ([("garments_net", "GARMENTS_NET"), ("vae", "VAE"), ("image_1", "IMAGE"), ("clip", "CLIP")] +
                  [(f"image_{i}", "IMAGE") for i in range(2, 7)])
 MASK_INPUTS = ([("garment_features", "GARMENT_FEATURES"), ("pose_keypoint", "POSE_KEYPOINT")] +
                [(f"mask_{i}", "MASK") for i in range(1, 7)])
@@ -73,7 +73,7 @@ def common(g: Graph, garments: list[tuple[str, str]]):
         images.append(g.node("LoadImage", (20, 360 + 340 * i), [file, "image"], [],
                              [("IMAGE", "IMAGE"), ("MASK", "MASK")], title=f"{slot.capitalize()} garment",
                              size=(320, 320)))
-    gnet = g.node("AnyDressingLoadGarmentsNet", (380, 380), ["training-free"], [("model", "MODEL")],
+    gnet = g.node("AnyDressingLoadGarmentsNet", (380, 380), ["training-free", "none"], [("model", "MODEL")],
                   [("garments_net", "GARMENTS_NET")], size=(320, 80))
     g.link(ckpt, 0, gnet, "model")
     slots = [s for s, _ in garments] + ["hat", "bag", "other", "other", "other"]

@@ -89,6 +89,29 @@ class BoxMask:
         return (m,)
 
 
+class StubCLIP:
+    """Stands in for ComfyUI's CLIP where only tokenize / encode_from_tokens are used (a text embedding per prompt)."""
+
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("CLIP",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    def run(self, seed):
+        class _Clip:
+            def tokenize(self, text):
+                return {"text": text}
+
+            def encode_from_tokens(self, tokens):
+                g = torch.Generator().manual_seed(seed + len(tokens["text"]))
+                return torch.randn((1, 77, 768), generator=g)
+
+        return (_Clip(),)
+
+
 class CaptureLatent:
     CATEGORY = "AnyDressing tests"
     FUNCTION = "run"
@@ -285,6 +308,7 @@ NODE_CLASS_MAPPINGS = {
     "ADTestCaptureModel": CaptureModel,
     "ADTestCaptureMask": CaptureMask,
     "ADTestPose": Pose,
+    "ADTestStubCLIP": StubCLIP,
     "ADTestForeignAttn1": ForeignAttn1,
     "ADTestInterruptAt": InterruptAt,
     "ADTestAddLoRA": AddLoRA,
