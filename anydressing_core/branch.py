@@ -23,6 +23,9 @@ SelfAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], tor
 
 # transformer_options key under which the sampling wrapper publishes the per-run cache
 RUN_CACHE_KEY = "anydressing_run_cache"
+# transformer_options key listing the cond_or_uncond values whose rows see the garments (default: 0, the cond rows).
+# Garment guidance adds a third row set (negative text with garments) as value 2.
+GARMENT_ROWS_KEY = "anydressing_garment_rows"
 # transformer_options key of an AttentionProbe: when present, every branch records its garments' attention mass A_k
 PROBE_KEY = "anydressing_attention_probe"
 
@@ -159,8 +162,9 @@ class DressingBranch:
         cou = extra.get("cond_or_uncond")
         if not cou:
             return [(0, batch)]
+        garment_rows = extra.get(GARMENT_ROWS_KEY, (0,))
         per = batch // len(cou)
-        return [(i * per, (i + 1) * per) for i, c in enumerate(cou) if c == 0 or self.include_uncond]
+        return [(i * per, (i + 1) * per) for i, c in enumerate(cou) if c in garment_rows or self.include_uncond]
 
     def projected(self, key: LayerKey, layer: DressingLayer, device, dtype, cache: Optional[RunCache]):
         if cache is None:

@@ -13,6 +13,7 @@ from . import attention_maps as maps_mod
 from . import garment_masks as masks_mod
 from . import encode as encode_mod
 from . import garments_net as gnet_mod
+from . import guidance as guidance_mod
 from .glue import NodeError, warn
 
 CATEGORY = "AnyDressing"
@@ -274,12 +275,37 @@ class GarmentAttentionMaps:
         return maps_mod.attention_maps(model, positive, latent, at_percent, seed, batch_index, image)
 
 
+class GarmentGuidance:
+    DESCRIPTION = ("MagicClothing's joint garment guidance: each step also evaluates the negative prompt with the "
+                   "garments, then x0 = u + garment_scale (g - u) + cfg (t - g), where u is negative text without "
+                   "garments, g negative text with them and t the positive prompt with them. KSampler's cfg is the "
+                   "text scale. Costs one more row per step.")
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The dressed MODEL with joint garment guidance, for KSampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The MODEL output of Apply Dressing-Attention."}),
+            "garment_scale": ("FLOAT", {"default": 2.5, "min": 0.0, "max": 30.0, "step": 0.1,
+                                        "tooltip": "How strongly the garments are enforced (MagicClothing: 2.5). "
+                                                   "Equal to KSampler's cfg gives plain CFG."}),
+        }}
+
+    def apply(self, model, garment_scale):
+        return (guidance_mod.apply(model, garment_scale),)
+
+
 NODE_CLASS_MAPPINGS = {
     "AnyDressingLoadGarmentsNet": LoadGarmentsNet,
     "AnyDressingEncodeGarments": EncodeGarments,
     "AnyDressingApplyDressingAttention": ApplyDressingAttention,
     "AnyDressingGarmentMasks": GarmentMasksNode,
     "AnyDressingGarmentAttentionMaps": GarmentAttentionMaps,
+    "AnyDressingGarmentGuidance": GarmentGuidance,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -288,4 +314,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AnyDressingApplyDressingAttention": "Apply Dressing-Attention",
     "AnyDressingGarmentMasks": "Garment Masks",
     "AnyDressingGarmentAttentionMaps": "Garment Attention Maps",
+    "AnyDressingGarmentGuidance": "Garment Guidance",
 }

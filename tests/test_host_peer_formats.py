@@ -93,3 +93,22 @@ def test_comfyui_checkpoint_and_pickle_refusal(host, store):
     assert msg.startswith("[AnyDressing] Load GarmentsNet: needs_code.pt is a pickle that needs code to load, and "
                           "this pack never runs code from a model file.")
     assert "--trust-pickle-code" in msg
+
+
+def test_joint_garment_guidance(host, store):
+    def guided(key, scale, **kw):
+        p = graphs.dressing_prompt(capture_key=key, **kw)
+        p["guide"] = {"class_type": "AnyDressingGarmentGuidance", "inputs": {"model": ["apply", 0],
+                                                                              "garment_scale": scale}}
+        p["sampler"]["inputs"]["model"] = ["guide", 0]
+        r = host.run(p)
+        assert r["success"], r["errors"]
+        return store[key]
+
+    plain_cfg = run(host, store, "plain_cfg", cfg=5.0)
+    same = guided("same", 5.0, cfg=5.0)
+    assert rel(same, plain_cfg) < 1e-5  # garment scale == text scale is plain CFG of t against u
+    joint = guided("joint", 2.5, cfg=5.0)
+    assert rel(joint, plain_cfg) > 1e-3  # so the garment row g differs from u: it sees the garments
+    cfg1 = guided("cfg1", 2.5, cfg=1.0)
+    assert torch.equal(cfg1, run(host, store, "cfg1_plain", cfg=1.0))

@@ -1,0 +1,63 @@
+"""Garment Guidance: a third row per step (negative text with the garments) and MagicClothing's joint CFG."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import comfy.model_patcher
+import comfy.samplers
+
+from ..anydressing_core.branch import GARMENT_ROWS_KEY
+from ..anydressing_core.guidance import joint_guidance
+from . import glue
+from .attention_maps import has_dressing
+
+NODE = "Garment Guidance"
+
+
+class _Stash:
+    """The garment row's prediction between the batch function and the cfg function of one step."""
+
+    def __init__(self):
+        self.x = None
+        self.g = None
+
+    def __deepcopy__(self, memo):
+        return _Stash()
+
+
+def apply(model: Any, garment_scale: float) -> Any:
+    if not has_dressing(model):
+        raise glue.NodeError(NODE, "the MODEL has no Dressing-Attention: connect the MODEL output of Apply "
+                                   "Dressing-Attention")
+    if "sampler_calc_cond_batch_function" in model.model_options or "sampler_cfg_function" in model.model_options:
+        raise glue.NodeError(NODE, "another node already replaced this MODEL's CFG; put Garment Guidance before it "
+                                   "or remove one of them")
+    m = model.clone()
+    stash = _Stash()
+
+    def calc(args):
+        conds, x, sigma, model_ = args["conds"], args["input"], args["sigma"], args["model"]
+        options = args["model_options"]
+        if conds[1] is None:  # cfg 1: no unconditional rows, nothing to guide
+            stash.x = None
+            return comfy.samplers.calc_cond_batch(model_, conds, x, sigma, options)
+        options = comfy.model_patcher.create_model_options_clone(options)
+        options.setdefault("transformer_options", {})[GARMENT_ROWS_KEY] = (0, 2)
+        cond, uncond, garment = comfy.samplers.calc_cond_batch(model_, [conds[0], conds[1], conds[1]], x, sigma,
+                                                               options)
+        stash.x, stash.g = x, garment
+        return [cond, uncond]
+
+    def cfg(args):
+        x = args["input"]
+        t, u = args["cond_denoised"], args["uncond_denoised"]
+        if stash.x is not x:  # no garment row this step (cfg 1): plain CFG
+            return x - (u + args["cond_scale"] * (t - u))
+        denoised = joint_guidance(t, u, stash.g, args["cond_scale"], garment_scale)
+        stash.x = stash.g = None
+        return x - denoised
+
+    m.set_model_sampler_calc_cond_batch_function(calc)
+    m.set_model_sampler_cfg_function(cfg)
+    return m
