@@ -102,8 +102,10 @@ def attention_with_lse(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor,
 def garment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, heads: int,
                       segments: Sequence[tuple[int, int]], weights: Optional[Sequence[float]] = None,
                       masks: Optional[torch.Tensor] = None,
-                      attention: AttentionFn = sdpa_attention) -> torch.Tensor:
+                      attention: AttentionFn = sdpa_attention, joint: bool = True) -> torch.Tensor:
     """The garment branch G for queries q [B, Lq, C] over garment tokens keys/values [1 or B, L, C].
+
+    joint=False attends each garment on its own and sums the results (DreamFit): G = sum_k w_k m_k(q) Attn_k(q).
 
     segments: token range (start, end) of each garment in keys/values. weights: w_k (default 1).
     masks: [N, Lq] or [B, N, Lq] values in [0, 1] (None means 1 everywhere). Returns [B, Lq, C].
@@ -120,8 +122,19 @@ def garment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             m = masks if masks.dim() == 3 else masks.unsqueeze(0).expand(b, -1, -1)
             folded_masks = m.permute(1, 0, 2).reshape(m.shape[1], b * lq)
         out = garment_attention(q.reshape(1, b * lq, c), keys, values, heads, segments, weights, folded_masks,
-                                attention)
+                                attention, joint)
         return out.reshape(b, lq, c)
+    if not joint:
+        coef = [1.0] * n if weights is None else [float(w) for w in weights]
+        total = torch.zeros_like(q)
+        for k, (start, end) in enumerate(segments):
+            o = attention(q, keys[:, start:end].expand(b, -1, -1), values[:, start:end].expand(b, -1, -1), heads)
+            scale = torch.full((1, lq, 1), coef[k], device=q.device, dtype=q.dtype)
+            if masks is not None:
+                m = masks if masks.dim() == 2 else masks[0]
+                scale = scale * m[k].to(device=q.device, dtype=q.dtype).view(1, lq, 1)
+            total = total + o * scale
+        return total
     uniform = weights is None or all(float(w) == 1.0 for w in weights)
     if masks is None and uniform:
         # Exactly eq. 6: one softmax over all garment tokens.

@@ -135,7 +135,7 @@ class DressingBranch:
         self.sigma_end = float(sigma_end)
         self.include_uncond = bool(include_uncond)
         self.attention = attention
-        if mode not in ("dressing", "concat"):
+        if mode not in ("dressing", "concat", "separate"):
             raise ValueError(f"unknown injection mode {mode!r}")
         if mode == "concat" and (masks is not None or self.weights is not None):
             raise ValueError("garment masks and weights need Dressing-Attention weights; concat-mode files "
@@ -228,7 +228,7 @@ class DressingBranch:
     def output(self, key: LayerKey, q: torch.Tensor, extra: dict) -> Optional[list[tuple[int, int, torch.Tensor]]]:
         """lambda * G for the rows that see garments, as (start, end, tensor) pieces; None when inactive here."""
         layer = self.layers.get(key)
-        if self.mode != "dressing" or layer is None or not self.active_at(extra):
+        if self.mode == "concat" or layer is None or not self.active_at(extra):
             return None
         ranges = self.rows(extra, q.shape[0])
         if not ranges:
@@ -242,7 +242,8 @@ class DressingBranch:
         pieces = []
         probe = extra.get(PROBE_KEY)
         for start, end in _merge(ranges):
-            g = garment_attention(q[start:end], kp, vp, heads, layer.segments, self.weights, masks, self.attention)
+            g = garment_attention(q[start:end], kp, vp, heads, layer.segments, self.weights, masks, self.attention,
+                                  joint=self.mode != "separate")
             pieces.append((start, end, g * self.strength))
             if probe is not None:
                 mass = garment_attention_mass(q[start:end], kp, heads, layer.segments, masks)

@@ -44,11 +44,13 @@ def convert(inputs: list[str], output: str, dtype: torch.dtype = torch.float16, 
     loras = {slot: {path_from_key(key): {p: (cast(l.down), cast(l.up), l.scale * l.rank) for p, l in projs.items()}
                     for key, projs in layers.items()} for slot, layers in contents.loras.items()}
     dressing = {path_from_key(key): (cast(d["k"]), cast(d["v"])) for key, d in contents.dressing.items()}
-    meta = {k: str(v) for k, v in contents.metadata.items() if k in ("injection", "source_format", "text_context")}
+    meta = {k: str(v) for k, v in contents.metadata.items()
+            if k in ("injection", "source_format", "text_context", "uncond", "layers")}
     if contents.metadata.get("injection") == "concat":
         meta.setdefault("text_context", "1")
     meta["converted_from"] = ", ".join(os.path.basename(p) for p in inputs + ([extra] if extra else []))
-    write_native(output, unet=unet, loras=loras, dressing=dressing, extra_metadata=meta)
+    image_proj = {k: cast(v) for k, v in contents.image_proj.items()}
+    write_native(output, unet=unet, loras=loras, dressing=dressing, extra_metadata=meta, image_proj=image_proj)
     return contents
 
 
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: {len(contents.unet)} UNet tensors, {len(contents.loras)} LoRA slot(s), "
-          f"{len(contents.dressing)} Dressing-Attention layer(s), injection {contents.metadata.get('injection')}")
+          f"{len(contents.dressing)} Dressing-Attention layer(s), injection {contents.metadata.get('injection')}"
+          + (f", image resampler ({len(contents.image_proj)} tensors)" if contents.image_proj else ""))
     return 0
 
 

@@ -25,7 +25,9 @@ class GarmentFeatures:
     grids: dict[LayerKey, tuple[int, int]] = field(default_factory=dict)
     dressing_weights: dict[LayerKey, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = field(default_factory=dict)
     source: str = ""
-    injection: str = "dressing"  # "dressing" (eq. 6) or "concat" (MagicClothing: tokens joined before projection)
+    injection: str = "dressing"  # "dressing" (eq. 6), "concat" (MagicClothing), "separate" (DreamFit)
+    uncond_default: bool = False  # whether the model's authors let the unconditional rows see the garments
+    weighted_layers_only: bool = False  # garments enter only the layers with their own W_k'/W_v'
 
     @property
     def count(self) -> int:

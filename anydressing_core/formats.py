@@ -23,6 +23,7 @@ PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
 _DIFFUSERS = re.compile(r"^(down_blocks|mid_block|up_blocks|conv_in|conv_out|conv_norm_out|time_embedding)\.")
 _LDM = re.compile(r"^(input_blocks|middle_block|output_blocks|time_embed|out)\.")
 _IP_LAYER = re.compile(r"^(\d+)\.to_([kv])_ip\.weight$")
+_ADAPTER = re.compile(r"^adapter_modules\.(\d+)\.to_([kv])_ref\.weight$")
 
 # SD1.5 attn1 layers in the order of diffusers' attn_processors (down, up, then mid); processor 2*i is attn1 of the
 # i-th entry (odd indices are attn2). IP-Adapter-style ModuleList checkpoints (ip_layer.pth) use this order.
@@ -121,6 +122,75 @@ def ip_layer_weights(tensors: dict[str, torch.Tensor], name: str) -> dict[LayerK
     return out
 
 
+def _processor_weights(found: dict[int, dict[str, torch.Tensor]], name: str) -> dict[LayerKey, dict[str, torch.Tensor]]:
+    out: dict[LayerKey, dict[str, torch.Tensor]] = {}
+    for idx, d in found.items():
+        if idx % 2 or idx // 2 >= len(DIFFUSERS_ATTN1_ORDER):
+            raise FormatError(f"{name}: attention processor {idx} is not an SD1.5 attn1 index (even 0..30)")
+        if set(d) != {"k", "v"}:
+            raise FormatError(f"{name}: attention processor {idx} lacks its to_k or to_v weight")
+        out[DIFFUSERS_ATTN1_ORDER[idx // 2]] = d
+    return out
+
+
+def imagdressing_contents(tensors: dict[str, torch.Tensor], name: str) -> NativeContents:
+    """IMAGDressing-v1: ref_unet.* (diffusers) is GarmentsNet, adapter_modules.<idx>.to_{k,v}_ref are W_k'/W_v',
+    proj.* is the resampler that makes its cross-attention context from CLIP ViT-H image features."""
+    unet = {k[len("ref_unet."):]: v for k, v in tensors.items() if k.startswith("ref_unet.")}
+    proj = {k[len("proj."):]: v for k, v in tensors.items() if k.startswith("proj.")}
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    for k, t in tensors.items():
+        m = _ADAPTER.match(k)
+        if m:
+            found.setdefault(int(m.group(1)), {})[m.group(2)] = t
+    if not proj:
+        raise FormatError(f"{name}: IMAGDressing-v1 file without its proj.* resampler weights")
+    return NativeContents(unet=unet, unet_naming="diffusers", dressing=_processor_weights(found, name),
+                          image_proj=proj, metadata={"injection": "dressing", "source_format": "imagdressing"})
+
+
+_DREAMFIT_LORA = re.compile(r"^(.*)\.(?:(to_q|to_k|to_v|to_out)_lora|lora_layer)\.(down|up)\.weight$")
+
+
+def dreamfit_contents(tensors: dict[str, torch.Tensor], name: str, scale: float = 8.0 / 64.0) -> NativeContents:
+    """DreamFit SD1.5: target_unet.<ldm key>; its LoRA (rank 64, alpha 8) is merged into the encoder weights;
+    attn1.ref_to_{k,v} (mid and output blocks) are W_k'/W_v'; references are attended separately and summed, and
+    both CFG halves see the garments."""
+    from .layers import key_from_path
+
+    sd = {k[len("target_unet."):]: v for k, v in tensors.items() if k.startswith("target_unet.")}
+    unet, loras, dressing = {}, {}, {}
+    for k, t in sd.items():
+        m = _DREAMFIT_LORA.match(k)
+        if m:
+            base, proj, part = m.groups()
+            target = f"{base}.{proj}.weight" if proj else f"{base}.weight"
+            if proj == "to_out":
+                target = f"{base}.to_out.0.weight"
+            loras.setdefault(target, {})[part] = t
+            continue
+        m = re.match(r"^(.*)\.attn1\.ref_to_([kv])\.weight$", k)
+        if m:
+            dressing.setdefault(key_from_path(m.group(1)), {})[m.group(2)] = t
+            continue
+        unet[k] = t
+    for target, parts in loras.items():
+        if target not in unet or set(parts) != {"down", "up"}:
+            raise FormatError(f"{name}: LoRA for {target} has no base weight or lacks down/up")
+        down, up, w = parts["down"].float(), parts["up"].float(), unet[target]
+        if w.dim() == 4:  # conv LoRA: down [r, in, kh, kw], up [out, r, 1, 1]
+            delta = torch.einsum("or,rihw->oihw", up.flatten(1), down)
+        else:
+            delta = up.flatten(1) @ down.flatten(1)
+        unet[target] = (w.float() + scale * delta.reshape(w.shape)).to(w.dtype)
+    bad = [key for key, d in dressing.items() if set(d) != {"k", "v"}]
+    if bad:
+        raise FormatError(f"{name}: layers {bad} lack ref_to_k or ref_to_v")
+    return NativeContents(unet=unet, unet_naming="ldm", dressing=dressing,
+                          metadata={"injection": "separate", "source_format": "dreamfit", "text_context": "1",
+                                    "uncond": "1", "layers": "dressing"})
+
+
 def contents_from(tensors: dict[str, torch.Tensor], metadata: Optional[dict], name: str) -> NativeContents:
     """Any supported layout -> NativeContents (with metadata['injection'] set)."""
     kind = detect(tensors, metadata)
@@ -145,10 +215,10 @@ def contents_from(tensors: dict[str, torch.Tensor], metadata: Optional[dict], na
     if kind == "ip_layer":
         dressing = ip_layer_weights(tensors, name)
         return NativeContents(dressing=dressing, metadata={"injection": "dressing", "source_format": kind})
-    if kind in ("imagdressing", "dreamfit"):
-        label = {"imagdressing": "IMAGDressing-v1", "dreamfit": "DreamFit SD1.5"}[kind]
-        raise FormatError(f"{name} is a {label} checkpoint; this version of the pack recognises it but cannot run "
-                          f"it yet. Use training-free, an AnyDressing file or MagicClothing weights meanwhile")
+    if kind == "imagdressing":
+        return imagdressing_contents(tensors, name)
+    if kind == "dreamfit":
+        return dreamfit_contents(tensors, name)
     raise FormatError(f"{name}: unknown layout; first keys: {_first(tensors)}; known layouts: {'; '.join(KNOWN)}")
 
 

@@ -16,6 +16,12 @@ Tensors, each group optional; what is absent falls back to the paper's initialis
                                  (b) per-slot GFE LoRA; delta W = alpha / r * up @ down. Absent: no LoRA.
   dressing.<layer>.attn1.to_{k,v}.weight [C, C]
                                  (c) Dressing-Attention W_k' / W_v'. Absent: copies of the MODEL's W_k / W_v.
+  image_proj.<resampler key>     (d) optional: a resampler that turns CLIP vision features into GarmentsNet's
+                                     cross-attention context (IMAGDressing-v1); needs a CLIP_VISION in Encode Garments.
+
+Optional metadata: injection ("dressing" additive, eq. 6 | "concat" MagicClothing | "separate": each garment
+attended on its own and summed, DreamFit), text_context ("1": GarmentsNet runs with the empty prompt's embedding),
+uncond ("1": the unconditional rows see the garments by default).
 
 <layer> is the ldm path of a transformer block, e.g. input_blocks.1.1.transformer_blocks.0,
 middle_block.1.transformer_blocks.0, output_blocks.11.1.transformer_blocks.0.
@@ -39,6 +45,7 @@ FORMAT_VERSION = "1"
 UNET_PREFIX = "garments_net."
 GFE_PREFIX = "gfe."
 DRESSING_PREFIX = "dressing."
+IMAGE_PROJ_PREFIX = "image_proj."
 
 _LDM_UNET = re.compile(r"^(input_blocks|middle_block|output_blocks|time_embed|out|label_emb)\.")
 _DIFFUSERS_UNET = re.compile(r"^(down_blocks|mid_block|up_blocks|conv_in|conv_out|conv_norm_out|time_embedding)\.")
@@ -49,6 +56,7 @@ KNOWN_LAYOUTS = (
     "garments_net.<ldm or diffusers UNet key>",
     "gfe.<slot>.<layer>.attn1.to_{q,k,v}.lora_{down,up}.weight (+ .alpha)",
     "dressing.<layer>.attn1.to_{k,v}.weight",
+    "image_proj.<resampler key>",
 )
 
 
@@ -64,6 +72,7 @@ class NativeContents:
     dressing: dict[LayerKey, dict[str, torch.Tensor]] = field(default_factory=dict)  # key -> {"k": W, "v": W}
     slots: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    image_proj: dict[str, torch.Tensor] = field(default_factory=dict)  # resampler weights, without the prefix
 
 
 def _first_keys(keys, n: int = 8) -> str:
@@ -119,6 +128,9 @@ def parse_native(tensors: dict[str, torch.Tensor], metadata: Optional[dict], nam
                 raise FormatError(f"{name} mixes ldm and diffusers GarmentsNet keys (e.g. {key})")
             out.unet_naming = naming
             out.unet[k] = t
+            continue
+        if key.startswith(IMAGE_PROJ_PREFIX):
+            out.image_proj[key[len(IMAGE_PROJ_PREFIX):]] = t
             continue
         m = _GFE.match(key)
         if m:
@@ -191,7 +203,8 @@ def read_native(path: str) -> NativeContents:
 def write_native(path: str, *, unet: Optional[dict[str, torch.Tensor]] = None,
                  loras: Optional[dict[str, dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]]] = None,
                  dressing: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None,
-                 extra_metadata: Optional[dict[str, str]] = None) -> None:
+                 extra_metadata: Optional[dict[str, str]] = None,
+                 image_proj: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write a native file.
 
     unet: UNet state dict (ldm or diffusers keys, unprefixed). loras: slot -> layer path -> proj -> (down, up, alpha).
@@ -212,6 +225,16 @@ def write_native(path: str, *, unet: Optional[dict[str, torch.Tensor]] = None,
     for layer_path, (wk, wv) in (dressing or {}).items():
         tensors[f"{DRESSING_PREFIX}{layer_path}.attn1.to_k.weight"] = wk
         tensors[f"{DRESSING_PREFIX}{layer_path}.attn1.to_v.weight"] = wv
+    for k, t in (image_proj or {}).items():
+        tensors[IMAGE_PROJ_PREFIX + k] = t
     metadata = {"anydressing_format": FORMAT_VERSION, "slots": json.dumps(sorted((loras or {}).keys()))}
     metadata.update(extra_metadata or {})
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+    out, seen = {}, set()
+    for k, v in tensors.items():  # safetensors refuses tensors that share memory (e.g. W' initialised as W)
+        v = v.contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    save_file(out, path, metadata=metadata)

@@ -45,6 +45,8 @@ def build_layers(features: GarmentFeatures, blocks: dict) -> dict:
                                    f"Encode the garments with a GarmentsNet of the same family as the MODEL")
     layers = {}
     for key, block in blocks.items():
+        if features.weighted_layers_only and key not in features.dressing_weights:
+            continue  # e.g. DreamFit: garments enter the mid and output blocks only
         wk, wv = features.dressing_weights.get(key, (None, None))
         c = model_ch[key]
         for name, w in (("W_k'", wk), ("W_v'", wv)):
@@ -59,13 +61,17 @@ def build_layers(features: GarmentFeatures, blocks: dict) -> dict:
 
 
 def apply(model: Any, features: GarmentFeatures, strength: float, weights_text: str, start_percent: float,
-          end_percent: float, include_uncond: bool, masks: Optional[torch.Tensor]) -> Any:
+          end_percent: float, include_uncond, masks: Optional[torch.Tensor]) -> Any:
     if not isinstance(features, GarmentFeatures):
         raise glue.NodeError(NODE, "garment_features must come from an Encode Garments node")
     if start_percent > end_percent:
         raise glue.NodeError(NODE, f"start_percent ({start_percent}) is after end_percent ({end_percent}); "
                                    f"set start_percent <= end_percent")
     weights = parse_weights(weights_text, features.count)
+    if include_uncond in ("auto", None):  # the model's authors' choice: off (paper eq. 16) except DreamFit
+        include_uncond = getattr(features, "uncond_default", False)
+    elif isinstance(include_uncond, str):
+        include_uncond = include_uncond == "yes"
     if masks is not None and masks.shape[0] != features.count:
         raise glue.NodeError(NODE, f"garment_masks has {masks.shape[0]} mask(s) for {features.count} garment(s) "
                                    f"({', '.join(features.slots)}); give one mask per garment, in order")

@@ -37,8 +37,28 @@ def empty_prompt_context(clip, n: int) -> torch.Tensor:
     return cond.expand(n, -1, -1)
 
 
-def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str], clip=None) -> GarmentFeatures:
+def image_context(gnet: GarmentsNet, clip_vision, pixels: torch.Tensor) -> torch.Tensor:
+    """IMAGDressing: CLIP vision penultimate features of each garment through the file's resampler."""
+    if clip_vision is None:
+        raise glue.NodeError(NODE, f"{gnet.source} builds GarmentsNet's context from CLIP ViT-H image features, as its "
+                                   f"authors did: connect a CLIP Vision Loader (the ViT-H model used for IP-Adapter) "
+                                   f"to the 'clip_vision' input")
+    out = clip_vision.encode_image(pixels)
+    feats = getattr(out, "penultimate_hidden_states", None)
+    if feats is None:
+        feats = out["penultimate_hidden_states"]
+    if feats.shape[-1] != gnet.image_proj.embedding_dim:
+        raise glue.NodeError(NODE, f"the CLIP vision model gives {feats.shape[-1]}-wide features but {gnet.source} "
+                                   f"expects {gnet.image_proj.embedding_dim} (CLIP ViT-H/14): load that CLIP vision "
+                                   f"model")
+    with torch.no_grad():
+        return gnet.image_proj(feats.float().cpu())
+
+
+def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str], clip=None, clip_vision=None,
+           pixels: torch.Tensor = None) -> GarmentFeatures:
     """latents: raw VAE latents [N, 4, h, w]; row k is garment k with slot row_slots[k]."""
+    image_ctx = image_context(gnet, clip_vision, pixels) if gnet.image_proj is not None else None
     if gnet.text_context and clip is None:
         raise glue.NodeError(NODE, f"{gnet.source} runs its garment UNet with the empty prompt's text embedding, as "
                                    f"its authors did: connect your checkpoint's CLIP to the 'clip' input")
@@ -64,7 +84,10 @@ def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str], clip=
     timesteps = torch.zeros((n,), device=device, dtype=torch.float32)
 
     hooks = GarmentEncodeHooks(row_slots, gnet.loras, glue.self_attention)
-    if gnet.text_context:
+    if image_ctx is not None:
+        context = image_ctx.to(device=device, dtype=dtype)
+        transformer_options = {"patches": {"attn1_patch": [hooks.capture]}, "patches_replace": {}}
+    elif gnet.text_context:
         context = empty_prompt_context(clip, n).to(device=device, dtype=dtype)
         transformer_options = {"patches": {"attn1_patch": [hooks.capture]}, "patches_replace": {}}
     else:  # the paper excises cross-attention: its output is zeroed
@@ -86,7 +109,9 @@ def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str], clip=
     captured = {k: hooks.captured[k].to(store) for k in blocks}
     dressing = {k: (d.get("k"), d.get("v")) for k, d in gnet.dressing.items()}
     feats = GarmentFeatures.from_batched(row_slots, captured, hooks.grids, dressing_weights=dressing,
-                                         source=gnet.source, injection=gnet.injection)
+                                         source=gnet.source, injection=gnet.injection,
+                                         uncond_default=gnet.uncond_default,
+                                         weighted_layers_only=gnet.weighted_layers_only)
     glue.info(f"{NODE}: encoded {n} garment(s) ({', '.join(row_slots)}) with {gnet.source}: {len(blocks)} layers, "
               f"{feats.nbytes_per_garment() / 2**20:.1f} MiB per garment")
     return feats

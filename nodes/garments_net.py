@@ -18,6 +18,7 @@ from ..anydressing_core.layers import LayerKey
 from ..anydressing_core.lora import SlotLoRAs
 from ..anydressing_core.formats import load_contents
 from ..anydressing_core.native_format import FormatError, NativeContents
+from ..anydressing_core.resampler import resampler_from_weights
 from .glue import NodeError
 
 NODE = "Load GarmentsNet"
@@ -32,8 +33,11 @@ class GarmentsNet:
     loras: SlotLoRAs = field(default_factory=dict)
     dressing: dict[LayerKey, dict[str, torch.Tensor]] = field(default_factory=dict)
     source: str = TRAINING_FREE
-    injection: str = "dressing"  # "dressing" (eq. 6, additive) or "concat" (MagicClothing)
+    injection: str = "dressing"  # "dressing" (eq. 6, additive), "concat" (MagicClothing), "separate" (DreamFit)
     text_context: bool = False  # the authors ran this garment UNet with the empty prompt's text embedding
+    image_proj: Any = None  # a Resampler: CLIP vision features -> cross-attention context (IMAGDressing)
+    uncond_default: bool = False  # the authors let the unconditional rows see the garments (DreamFit)
+    weighted_layers_only: bool = False  # garments enter only the layers the file has W_k'/W_v' for (DreamFit)
 
     @property
     def slots(self) -> list[str]:
@@ -147,12 +151,21 @@ def from_contents(contents: NativeContents, name: str, base_model: Optional[Any]
         raise NodeError(NODE, f"{name} holds no GarmentsNet UNet weights (only LoRA / Dressing-Attention weights), "
                               f"so GarmentsNet is the base MODEL's UNet: connect your checkpoint's MODEL to the "
                               f"'model' input")
-    injection = contents.metadata.get("injection", "dressing")
-    if injection not in ("dressing", "concat"):
-        raise NodeError(NODE, f"{name}: metadata injection {injection!r} is not 'dressing' or 'concat'")
-    text = contents.metadata.get("text_context", "1" if injection == "concat" else "0") == "1"
+    meta = contents.metadata
+    injection = meta.get("injection", "dressing")
+    if injection not in ("dressing", "concat", "separate"):
+        raise NodeError(NODE, f"{name}: metadata injection {injection!r} is not 'dressing', 'concat' or 'separate'")
+    text = meta.get("text_context", "1" if injection == "concat" else "0") == "1"
+    image_proj = None
+    if contents.image_proj:
+        try:
+            image_proj = resampler_from_weights(contents.image_proj, name)
+        except FormatError as e:
+            raise NodeError(NODE, str(e)) from None
     return GarmentsNet(patcher=patcher, loras=contents.loras, dressing=contents.dressing, source=name,
-                       injection=injection, text_context=text)
+                       injection=injection, text_context=text, image_proj=image_proj,
+                       uncond_default=meta.get("uncond", "0") == "1",
+                       weighted_layers_only=meta.get("layers", "all") == "dressing")
 
 
 def load(choice: str, path: Optional[str], base_model: Optional[Any], extra_path: Optional[str] = None) -> GarmentsNet:

@@ -82,7 +82,9 @@ def _model_path(name: str) -> str:
 
 def _garment_inputs():
     optional = {"clip": ("CLIP", {"tooltip": "Your checkpoint's CLIP. Needed only by garment models that their "
-                                             "authors ran with the empty prompt (MagicClothing)."})}
+                                             "authors ran with the empty prompt (MagicClothing, DreamFit)."}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-H (the IP-Adapter image encoder). Needed only by "
+                                                           "IMAGDressing-v1 files."})}
     for i in range(2, MAX_GARMENTS + 1):
         optional[f"image_{i}"] = ("IMAGE", {"tooltip": f"Garment {i} (optional). Any size; a batch adds one garment "
                                                        f"per image, all with slot_{i}."})
@@ -119,7 +121,7 @@ class EncodeGarments:
             "optional": _garment_inputs(),
         }
 
-    def encode(self, garments_net, vae, image_1, slot_1, width, height, clip=None, **optional):
+    def encode(self, garments_net, vae, image_1, slot_1, width, height, clip=None, clip_vision=None, **optional):
         if not isinstance(garments_net, gnet_mod.GarmentsNet):
             raise NodeError(encode_mod.NODE, "garments_net must come from a Load GarmentsNet node")
         images, slots = [], []
@@ -141,7 +143,7 @@ class EncodeGarments:
         if pixels.shape[0] > 16:
             raise NodeError(encode_mod.NODE, f"{pixels.shape[0]} garments given; at most 16 are supported in one set")
         latents = vae.encode(pixels)
-        features = encode_mod.encode(garments_net, latents, slots, clip)
+        features = encode_mod.encode(garments_net, latents, slots, clip, clip_vision, pixels)
         return (features, pixels)
 
 
@@ -171,9 +173,11 @@ class ApplyDressingAttention:
                                             "tooltip": "Where in the sampling schedule dressing starts (0 = first step)."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                           "tooltip": "Where in the sampling schedule dressing ends (1 = last step)."}),
-                "apply_to_uncond": ("BOOLEAN", {"default": False,
-                                                "tooltip": "Let the unconditional (negative) half see the garments too. "
-                                                           "Off follows the paper: CFG pushes toward the garments."}),
+                "apply_to_uncond": (["auto", "no", "yes"], {
+                    "default": "auto",
+                    "tooltip": "Whether the unconditional (negative) half sees the garments too. auto: what the "
+                               "garment model's authors did (no for AnyDressing, paper eq. 16, IMAGDressing and "
+                               "MagicClothing; yes for DreamFit)."}),
             },
             "optional": {
                 "garment_masks": ("GARMENT_MASKS", {"tooltip": "Optional, from Garment Masks: garment k only reaches "

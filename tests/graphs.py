@@ -35,7 +35,7 @@ def dressing_prompt(*, strength: float = 0.7, garments=((1, "upper"), (2, "lower
         p["encode"] = {"class_type": "AnyDressingEncodeGarments", "inputs": enc}
         apply = {"model": base_model, "garment_features": ["encode", 0], "strength": strength,
                  "garment_weights": weights, "start_percent": start, "end_percent": end,
-                 "apply_to_uncond": include_uncond}
+                 "apply_to_uncond": "yes" if include_uncond else "auto"}
         if masks is not None:
             gm = {"width": latent_w, "height": latent_h, "grow": 0, "feather": 0, "person_index": 0}
             for i, box in enumerate(masks, start=1):

@@ -164,3 +164,12 @@ def test_requirements_list_no_torch():
     reqs = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
     assert sorted(reqs) == ["einops", "numpy", "pillow", "safetensors"]
+
+
+def test_write_native_accepts_shared_tensors(tmp_path):
+    """W_k' initialised as the very tensor W_k (shared memory) still saves."""
+    w = torch.randn(8, 8)
+    write_native(str(tmp_path / "shared.safetensors"), unet={f"{LAYER}.attn1.to_k.weight": w},
+                 dressing={LAYER: (w, w)})
+    c = read_native(str(tmp_path / "shared.safetensors"))
+    assert torch.equal(c.dressing[("input", 1, 0)]["k"], w) and torch.equal(c.unet[f"{LAYER}.attn1.to_k.weight"], w)

@@ -89,7 +89,7 @@ def test_two_apply_nodes_stack(host, store):
                 "apply2": {"class_type": "AnyDressingApplyDressingAttention",
                            "inputs": {"model": model_ref, "garment_features": ["encode2", 0], "strength": strength,
                                       "garment_weights": "", "start_percent": 0.0, "end_percent": 1.0,
-                                      "apply_to_uncond": False}},
+                                      "apply_to_uncond": "auto"}},
             }
         return build
 

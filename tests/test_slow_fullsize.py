@@ -94,3 +94,97 @@ def test_shipped_workflow_on_a_full_size_random_sd15(host, store):
     assert r["success"], r["errors"]
     assert torch.equal(store["zero"], store["plain"])
     assert float((store["dressed"] - store["plain"]).abs().max()) > 1e-3
+
+
+FAMILIES = ["native", "comfy_checkpoint", "magicclothing", "magicclothing_stable", "imagdressing", "dreamfit"]
+
+
+@pytest.fixture(scope="module")
+def full_unet(host):
+    """A random full-size SD1.5 UNet (ldm and diffusers names), fp16, shared by the family cases."""
+    import adtest_tiny
+    import comfy.supported_models
+    import comfy.utils
+
+    cfg = adtest_tiny.tiny_unet_config(320)
+    unet = comfy.supported_models.SD15(cfg).get_model({}, "").diffusion_model
+    adtest_tiny.randomize(unet, 5)
+    sd = {k: v.half() for k, v in unet.state_dict().items()}
+    del unet
+    inverse = {v: k for k, v in comfy.utils.unet_to_diffusers(cfg).items()}
+    return sd, {inverse[k]: v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_shape_file_of_each_family_loads(host, full_unet, family):
+    import comfy.model_management as mm
+    from safetensors.torch import save_file
+
+    from anydressing_core.formats import DIFFUSERS_ATTN1_ORDER
+    from anydressing_core.layers import path_from_key
+    from anydressing_core.native_format import write_native
+
+    sd, dsd = full_unet
+    d = host.anydressing_dir()
+    ip = {key: (sd[f"{path_from_key(key)}.attn1.to_k.weight"], sd[f"{path_from_key(key)}.attn1.to_v.weight"])
+          for key in DIFFUSERS_ATTN1_ORDER}
+    extra = None
+    if family == "native":
+        name = "full_native.safetensors"
+        write_native(str(d / name), unet=sd, dressing={path_from_key(k): v for k, v in ip.items()})
+    elif family == "comfy_checkpoint":
+        name = "full_ckpt.safetensors"
+        save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()}, str(d / name))
+    elif family in ("magicclothing", "magicclothing_stable"):
+        name = "full_magic.safetensors"
+        save_file(dsd, str(d / name))
+        if family == "magicclothing_stable":
+            extra = "full_ip_layer.pth"
+            torch.save({f"{2 * i}.to_{p}_ip.weight": ip[key][j] for i, key in enumerate(DIFFUSERS_ATTN1_ORDER)
+                        for j, p in enumerate("kv")}, d / extra)
+    elif family == "imagdressing":
+        from test_core_peer_formats import random_resampler_weights
+
+        g = torch.Generator().manual_seed(0)
+        module = {f"ref_unet.{k}": v for k, v in dsd.items()}
+        module.update({f"proj.{k}": v.half() for k, v in random_resampler_weights(
+            g, dim=768, embedding=1280, output=768, queries=16, depth=4, inner=768, ff=3072).items()})
+        for i, key in enumerate(DIFFUSERS_ATTN1_ORDER):
+            module[f"adapter_modules.{2 * i}.to_k_ref.weight"] = ip[key][0]
+            module[f"adapter_modules.{2 * i}.to_v_ref.weight"] = ip[key][1]
+        name = "full_imag.pt"
+        torch.save({"module": module}, d / name)
+    else:
+        ck = {f"target_unet.{k}": v for k, v in sd.items()}
+        for key in DIFFUSERS_ATTN1_ORDER[6:]:
+            ck[f"target_unet.{path_from_key(key)}.attn1.ref_to_k.weight"] = ip[key][0]
+            ck[f"target_unet.{path_from_key(key)}.attn1.ref_to_v.weight"] = ip[key][1]
+        name = "full_dreamfit.ckpt"
+        torch.save({"state_dict": ck}, d / name)
+    gn = host.pack_module("nodes.garments_net")
+    gnet = gn.load(name, str(d / name), None, str(d / extra) if extra else None)
+    loaded = gnet.patcher.model.diffusion_model.state_dict()
+    for k in sorted(sd)[::53]:
+        assert torch.equal(loaded[k].half(), sd[k]), k
+    enc = host.pack_module("nodes.encode")
+    fixtures = host.nodes.NODE_CLASS_MAPPINGS
+    feats = enc.encode(gnet, torch.randn(1, 4, 8, 8), ["upper"], fixtures["ADTestStubCLIP"]().run(0)[0],
+                       _vision_1280(), torch.rand(1, 64, 64, 3))
+    assert sorted({t.shape[-1] for t in feats.layers.values()}) == [320, 640, 1280] and len(feats.layers) == 16
+    del gnet, loaded
+    mm.unload_all_models()
+    for f in (name, extra):
+        if f:
+            (d / f).unlink()
+
+
+def _vision_1280():
+    class _Out:
+        def __init__(self, t):
+            self.penultimate_hidden_states = t
+
+    class _Vision:
+        def encode_image(self, image):
+            return _Out(torch.randn(image.shape[0], 257, 1280, generator=torch.Generator().manual_seed(0)))
+
+    return _Vision()

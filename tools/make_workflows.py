@@ -16,7 +16,8 @@ SD15 = {"name": "v1-5-pruned-emaonly-fp16.safetensors",
 OPENPOSE = {"name": "control_v11p_sd15_openpose.pth",
             "url": "https://huggingface.co/lllyasviel/ControlNet-v1-1/resolve/main/control_v11p_sd15_openpose.pth",
             "directory": "controlnet"}
-ENCODE_INPUTS = ([("garments_net", "GARMENTS_NET"), ("vae", "VAE"), ("image_1", "IMAGE"), ("clip", "CLIP")] +
+ENCODE_INPUTS = ([("garments_net", "GARMENTS_NET"), ("vae", "VAE"), ("image_1", "IMAGE"), ("clip", "CLIP"),
+                  ("clip_vision", "CLIP_VISION")] +
                  [(f"image_{i}", "IMAGE") for i in range(2, 7)])
 MASK_INPUTS = ([("garment_features", "GARMENT_FEATURES"), ("pose_keypoint", "POSE_KEYPOINT")] +
                [(f"mask_{i}", "MASK") for i in range(1, 7)])
@@ -89,7 +90,7 @@ def common(g: Graph, garments: list[tuple[str, str]]):
 def upper_lower():
     g = Graph()
     ckpt, pos, neg, enc = common(g, [("upper", "garment_upper.png"), ("lower", "garment_lower.png")])
-    apply = g.node("AnyDressingApplyDressingAttention", (820, 380), [0.7, "", 0.0, 1.0, False],
+    apply = g.node("AnyDressingApplyDressingAttention", (820, 380), [0.7, "", 0.0, 1.0, "auto"],
                    [("model", "MODEL"), ("garment_features", "GARMENT_FEATURES"), ("garment_masks", "GARMENT_MASKS")],
                    [("model", "MODEL")], size=(340, 200))
     latent = g.node("EmptyLatentImage", (820, 620), [576, 768, 1], [], [("LATENT", "LATENT")], size=(320, 110))
@@ -135,7 +136,7 @@ def pose_three_garments():
                  [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], size=(320, 190))
     masks = g.node("AnyDressingGarmentMasks", (820, 380), [576, 768, 8, 8, 0, ""], MASK_INPUTS,
                    [("garment_masks", "GARMENT_MASKS"), ("masks", "MASK")], size=(340, 300))
-    apply = g.node("AnyDressingApplyDressingAttention", (820, 720), [0.7, "", 0.0, 1.0, False],
+    apply = g.node("AnyDressingApplyDressingAttention", (820, 720), [0.7, "", 0.0, 1.0, "auto"],
                    [("model", "MODEL"), ("garment_features", "GARMENT_FEATURES"), ("garment_masks", "GARMENT_MASKS")],
                    [("model", "MODEL")], size=(340, 200))
     latent = g.node("EmptyLatentImage", (820, 960), [576, 768, 1], [], [("LATENT", "LATENT")], size=(320, 110))

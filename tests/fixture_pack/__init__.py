@@ -112,6 +112,33 @@ class StubCLIP:
         return (_Clip(),)
 
 
+class StubCLIPVision:
+    """Stands in for ComfyUI's CLIP_VISION where only encode_image(...).penultimate_hidden_states is used."""
+
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("CLIP_VISION",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"width": ("INT", {"default": 20})}}
+
+    def run(self, width):
+        class _Out:
+            def __init__(self, t):
+                self.penultimate_hidden_states = t
+
+        class _Vision:
+            def encode_image(self, image):
+                pooled = torch.nn.functional.adaptive_avg_pool2d(image.permute(0, 3, 1, 2), (16, 16))
+                tokens = pooled.flatten(2).transpose(1, 2)  # [B, 256, 3]
+                g = torch.Generator().manual_seed(0)
+                proj = torch.randn((3, width), generator=g)
+                return _Out(torch.cat([tokens.mean(1, keepdim=True), tokens], 1) @ proj)
+
+        return (_Vision(),)
+
+
 class CaptureLatent:
     CATEGORY = "AnyDressing tests"
     FUNCTION = "run"
@@ -309,6 +336,7 @@ NODE_CLASS_MAPPINGS = {
     "ADTestCaptureMask": CaptureMask,
     "ADTestPose": Pose,
     "ADTestStubCLIP": StubCLIP,
+    "ADTestStubCLIPVision": StubCLIPVision,
     "ADTestForeignAttn1": ForeignAttn1,
     "ADTestInterruptAt": InterruptAt,
     "ADTestAddLoRA": AddLoRA,
