@@ -169,3 +169,31 @@ def test_sixteen_bit_png_through_load_image(host, store):
     r = host.run(p)
     assert r["success"], r["errors"]
     assert torch.isfinite(store["png16"]).all()
+
+
+@pytest.mark.parametrize("budget", [0.1, 2 * 2**20], ids=["novram-like", "lowvram-like"])
+def test_partial_load_paths_give_the_same_result(host, store, monkeypatch, budget):
+    """--novram/--lowvram need a GPU; on the CPU, ComfyUI's same partial-load path (weights cast per layer, LoRA
+    applied through weight functions) is forced here by giving every load a tiny memory budget."""
+    import comfy.model_management as mm
+
+    lora = {"lora": {"class_type": "ADTestAddLoRA",
+                     "inputs": {"model": ["model", 0], "seed": 4, "strength": 1.0, "merge": False}}}
+    mm.unload_all_models()
+    host.executor(fresh=True)
+    full = run(host, store, "full", pre_model=lora)
+    original = mm.LoadedModel.model_load
+
+    def partial(self, lowvram_model_memory=0, force_patch_weights=False):
+        return original(self, budget, force_patch_weights=force_patch_weights)
+
+    monkeypatch.setattr(mm.LoadedModel, "model_load", partial)
+    mm.unload_all_models()
+    host.executor(fresh=True)
+    low = run(host, store, "low", pre_model=lora)
+    patched = [m for m in mm.current_loaded_models if m.model.model.model_lowvram]
+    assert patched, "the partial-load path was not taken"
+    assert rel(low, full) < 1e-5
+    monkeypatch.undo()
+    mm.unload_all_models()
+    host.executor(fresh=True)
