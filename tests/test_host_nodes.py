@@ -55,3 +55,47 @@ def test_custom_types_and_model_folder(host):
     choices = m["AnyDressingLoadGarmentsNet"].INPUT_TYPES()["required"]["garments_net_name"][0]
     assert choices[0] == "training-free" and "listed.safetensors" in choices
     (host.anydressing_dir() / "listed.safetensors").unlink()
+
+
+def test_every_node_has_a_help_page_naming_its_inputs(host):
+    from pathlib import Path
+
+    docs = Path(host_mod_repo()) / "web" / "docs"
+    for node_id, cls in host.nodes.NODE_CLASS_MAPPINGS.items():
+        if not node_id.startswith("AnyDressing"):
+            continue
+        page = (docs / f"{node_id}.md").read_text()
+        assert page.startswith(f"# {host.nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]}")
+        spec = cls.INPUT_TYPES()
+        for name in list(spec.get("required", {})) + list(spec.get("optional", {})):
+            stem = name.rsplit("_", 1)[0] if name[-1].isdigit() else name
+            assert stem in page, f"{node_id}: help page does not mention {name}"
+    assert host.nodes.EXTENSION_WEB_DIRS.get("ComfyUI-AnyDressing", "").endswith("web")
+
+
+def test_pyproject_is_valid_for_the_comfy_registry(host):
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from comfy_config import config_parser
+
+    repo = Path(host_mod_repo())
+    cfg = config_parser.extract_node_configuration(str(repo))
+    assert cfg.tool_comfy.publisher_id == "anydressing" and cfg.tool_comfy.display_name == "ComfyUI-AnyDressing"
+    assert cfg.tool_comfy.icon.startswith("https://") and cfg.tool_comfy.icon.endswith((".png", ".svg", ".jpg"))
+    assert cfg.project.supported_comfyui_version.startswith(">=")
+    assert cfg.project.license.file == "LICENSE" and (repo / "LICENSE").is_file()
+    raw = tomllib.loads((repo / "pyproject.toml").read_text())
+    assert re.fullmatch(r"\d+\.\d+\.\d+", raw["project"]["version"])
+    assert "comfyui" not in raw["project"]["name"].lower()
+    assert raw["project"]["urls"]["Repository"].startswith("https://github.com/")
+    assert sorted(raw["project"]["dependencies"]) == sorted((repo / "requirements.txt").read_text().split())
+    assert not any(d.startswith(("torch", "torchvision", "torchaudio")) for d in raw["project"]["dependencies"])
+    assert (repo / "docs" / "icon.png").is_file()  # the icon the URL points to, once pushed
+
+
+def host_mod_repo():
+    import host as host_mod
+
+    return host_mod.REPO

@@ -42,13 +42,24 @@ class Graph:
     def link(self, src: int, slot: int, dst: int, name: str) -> None:
         a, b = self.nodes[src - 1], self.nodes[dst - 1]
         typ = a["outputs"][slot]["type"]
-        lid = len(self.links) + 1
+        lid = max([l[0] for l in self.links], default=0) + 1
         a["outputs"][slot]["links"].append(lid)
         names = [i["name"] for i in b["inputs"]]
         inp = b["inputs"][names.index(name)]
         assert inp["type"] == typ, (b["type"], name, typ)
         inp["link"] = lid
         self.links.append([lid, src, slot, dst, names.index(name), typ])
+
+    def renumber_links(self) -> None:
+        """Give links consecutive ids after some were rewired (keeps last_link_id meaningful)."""
+        mapping = {old[0]: i + 1 for i, old in enumerate(self.links)}
+        self.links = [[mapping[l[0]]] + l[1:] for l in self.links]
+        for n in self.nodes:
+            for i in n["inputs"]:
+                if i["link"] is not None:
+                    i["link"] = mapping[i["link"]]
+            for o in n["outputs"]:
+                o["links"] = [mapping[x] for x in o["links"]]
 
     def save(self, name: str, note: str, models: list[dict], uid: str) -> None:
         for n in self.nodes:
@@ -85,6 +96,155 @@ def common(g: Graph, garments: list[tuple[str, str]]):
     for i, img in enumerate(images, start=1):
         g.link(img, 0, enc, f"image_{i}")
     return ckpt, pos, neg, enc
+
+
+MAGIC = {"name": "magic_clothing_768_vitonhd_joint.safetensors",
+         "url": "https://huggingface.co/ShineChen1024/MagicClothing/resolve/main/"
+                "magic_clothing_768_vitonhd_joint.safetensors",
+         "directory": "anydressing"}
+FACEID = {"name": "ip-adapter-faceid-plusv2_sd15.bin",
+          "url": "https://huggingface.co/h94/IP-Adapter-FaceID/resolve/main/ip-adapter-faceid-plusv2_sd15.bin",
+          "directory": "ipadapter"}
+FACEID_LORA = {"name": "ip-adapter-faceid-plusv2_sd15_lora.safetensors",
+               "url": "https://huggingface.co/h94/IP-Adapter-FaceID/resolve/main/"
+                      "ip-adapter-faceid-plusv2_sd15_lora.safetensors",
+               "directory": "loras"}
+CLIP_H = {"name": "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
+          "url": "https://huggingface.co/h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors",
+          "directory": "clip_vision"}
+STYLE_LORA = {"name": "your_style_lora_sd15.safetensors", "url": "https://civitai.com/models",
+              "directory": "loras"}
+
+
+def sample_and_save(g: Graph, model_ref, pos_ref, neg_ref, vae_ref, latent_ref=None, x=1200, steps=30, cfg=6.0,
+                    sampler="ddim", denoise=1.0):
+    """KSampler -> VAEDecode -> SaveImage; an EmptyLatentImage when no latent is given. Returns the decode node."""
+    if latent_ref is None:
+        latent_ref = (g.node("EmptyLatentImage", (820, 620), [576, 768, 1], [], [("LATENT", "LATENT")],
+                             size=(320, 110)), 0)
+    ks = g.node("KSampler", (x, 60), [0, "fixed", steps, cfg, sampler, "normal", denoise],
+                [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                 ("latent_image", "LATENT")], [("LATENT", "LATENT")], size=(320, 270))
+    dec = g.node("VAEDecode", (x, 380), [], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")],
+                 size=(220, 50))
+    save = g.node("SaveImage", (x + 360, 60), ["AnyDressing"], [("images", "IMAGE")], [], size=(420, 560))
+    g.link(*model_ref, ks, "model")
+    g.link(*pos_ref, ks, "positive")
+    g.link(*neg_ref, ks, "negative")
+    g.link(*latent_ref, ks, "latent_image")
+    g.link(ks, 0, dec, "samples")
+    g.link(*vae_ref, dec, "vae")
+    g.link(dec, 0, save, "images")
+    return dec
+
+
+def apply_node(g: Graph, model_ref, enc, strength=0.7, pos=(820, 380)):
+    apply = g.node("AnyDressingApplyDressingAttention", pos, [strength, "", 0.0, 1.0, "auto"],
+                   [("model", "MODEL"), ("garment_features", "GARMENT_FEATURES"), ("garment_masks", "GARMENT_MASKS")],
+                   [("model", "MODEL")], size=(340, 200))
+    g.link(*model_ref, apply, "model")
+    g.link(enc, 0, apply, "garment_features")
+    return apply
+
+
+def single_garment():
+    g = Graph()
+    ckpt, pos, neg, enc = common(g, [("upper", "garment_upper.png")])
+    apply = apply_node(g, (ckpt, 0), enc)
+    sample_and_save(g, (apply, 0), (pos, 0), (neg, 0), (ckpt, 2))
+    g.save("anydressing_single_garment.json",
+           "AnyDressing: one garment on your SD1.5 checkpoint, training-free (no extra weights).", [SD15],
+           "4b2f6e2a-6f55-4d63-9a5e-0a1d2e55a003")
+
+
+def with_lora():
+    g = Graph()
+    ckpt, pos, neg, enc = common(g, [("upper", "garment_upper.png"), ("lower", "garment_lower.png")])
+    lora = g.node("LoraLoader", (20, 1060), [STYLE_LORA["name"], 0.8, 0.8], [("model", "MODEL"), ("clip", "CLIP")],
+                  [("MODEL", "MODEL"), ("CLIP", "CLIP")], title="Your style / character LoRA", size=(320, 130))
+    g.link(ckpt, 0, lora, "model")
+    g.link(ckpt, 1, lora, "clip")
+    # the prompts read the LoRA'd CLIP; GarmentsNet and Dressing-Attention use the LoRA'd MODEL
+    for node in (pos, neg):
+        inp = g.nodes[node - 1]["inputs"][0]
+        g.links = [l for l in g.links if l[0] != inp["link"]]
+        g.nodes[ckpt - 1]["outputs"][1]["links"].remove(inp["link"])
+        inp["link"] = None
+        g.link(lora, 1, node, "clip")
+    gnet = next(n["id"] for n in g.nodes if n["type"] == "AnyDressingLoadGarmentsNet")
+    inp = g.nodes[gnet - 1]["inputs"][0]
+    g.links = [l for l in g.links if l[0] != inp["link"]]
+    g.nodes[ckpt - 1]["outputs"][0]["links"].remove(inp["link"])
+    inp["link"] = None
+    g.link(lora, 0, gnet, "model")
+    apply = apply_node(g, (lora, 0), enc)
+    sample_and_save(g, (apply, 0), (pos, 0), (neg, 0), (ckpt, 2))
+    g.renumber_links()
+    g.save("anydressing_with_lora.json",
+           "AnyDressing with a LoRA on the base model: the LoRA reaches the prompts, GarmentsNet (training-free) and "
+           "Dressing-Attention's W_k'/W_v'. Pick your own LoRA file.", [SD15, STYLE_LORA],
+           "4b2f6e2a-6f55-4d63-9a5e-0a1d2e55a004")
+
+
+def faceid():
+    g = Graph()
+    ckpt, pos, neg, enc = common(g, [("upper", "garment_upper.png"), ("lower", "garment_lower.png")])
+    face = g.node("LoadImage", (20, 1060), ["face.png", "image"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+                  title="Face for identity", size=(320, 320))
+    loader = g.node("IPAdapterUnifiedLoaderFaceID", (380, 900), ["FACEID PLUS V2", 0.6, "CPU"],
+                    [("model", "MODEL"), ("ipadapter", "IPADAPTER")], [("MODEL", "MODEL"), ("ipadapter", "IPADAPTER")],
+                    title="IPAdapter FaceID loader (ComfyUI_IPAdapter_plus)", size=(320, 130))
+    fid = g.node("IPAdapterFaceID", (380, 1060), [0.85, 1.0, "linear", "concat", 0.0, 1.0, "V only"],
+                 [("model", "MODEL"), ("ipadapter", "IPADAPTER"), ("image", "IMAGE")],
+                 [("MODEL", "MODEL"), ("face_image", "IMAGE")], title="IPAdapter FaceID (ComfyUI_IPAdapter_plus)",
+                 size=(320, 250))
+    g.link(ckpt, 0, loader, "model")
+    g.link(loader, 0, fid, "model")
+    g.link(loader, 1, fid, "ipadapter")
+    g.link(face, 0, fid, "image")
+    apply = apply_node(g, (fid, 0), enc)
+    sample_and_save(g, (apply, 0), (pos, 0), (neg, 0), (ckpt, 2))
+    g.save("anydressing_ipadapter_faceid.json",
+           "AnyDressing + identity: IP-Adapter FaceID (needs the ComfyUI_IPAdapter_plus pack and insightface) patches "
+           "cross-attention with the face, Dressing-Attention patches self-attention with the garments; both stack.",
+           [SD15, FACEID, FACEID_LORA, CLIP_H], "4b2f6e2a-6f55-4d63-9a5e-0a1d2e55a005")
+
+
+def magicclothing_joint():
+    g = Graph()
+    ckpt, pos, neg, enc = common(g, [("upper", "garment_upper.png")])
+    gnet = next(n for n in g.nodes if n["type"] == "AnyDressingLoadGarmentsNet")
+    gnet["widgets_values"] = [MAGIC["name"], "none"]
+    g.link(ckpt, 1, enc, "clip")
+    apply = apply_node(g, (ckpt, 0), enc, strength=1.0)
+    guide = g.node("AnyDressingGarmentGuidance", (820, 620), [2.5], [("model", "MODEL")], [("model", "MODEL")],
+                   size=(320, 80))
+    g.link(apply, 0, guide, "model")
+    sample_and_save(g, (guide, 0), (pos, 0), (neg, 0), (ckpt, 2), steps=20, cfg=5.0, sampler="uni_pc")
+    g.save("anydressing_magicclothing_joint_guidance.json",
+           "MagicClothing weights (garments joined to the latent tokens) with its joint garment guidance: KSampler cfg "
+           "is the text scale (5), Garment Guidance the garment scale (2.5). Encode Garments needs the checkpoint's "
+           "CLIP for these weights.", [SD15, MAGIC], "4b2f6e2a-6f55-4d63-9a5e-0a1d2e55a006")
+
+
+def inpainting():
+    g = Graph()
+    ckpt, pos, neg, enc = common(g, [("upper", "garment_upper.png"), ("lower", "garment_lower.png")])
+    person = g.node("LoadImage", (20, 1060), ["person.png", "image"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+                    title="Person photo (paint the clothes area in the mask editor)", size=(320, 320))
+    venc = g.node("VAEEncode", (820, 660), [], [("pixels", "IMAGE"), ("vae", "VAE")], [("LATENT", "LATENT")],
+                  size=(220, 50))
+    noise_mask = g.node("SetLatentNoiseMask", (820, 740), [], [("samples", "LATENT"), ("mask", "MASK")],
+                        [("LATENT", "LATENT")], size=(220, 50))
+    g.link(person, 0, venc, "pixels")
+    g.link(ckpt, 2, venc, "vae")
+    g.link(venc, 0, noise_mask, "samples")
+    g.link(person, 1, noise_mask, "mask")
+    apply = apply_node(g, (ckpt, 0), enc)
+    sample_and_save(g, (apply, 0), (pos, 0), (neg, 0), (ckpt, 2), latent_ref=(noise_mask, 0))
+    g.save("anydressing_inpaint_person.json",
+           "Dress a given person: the photo is VAE-encoded and only the masked area (paint it in LoadImage's mask "
+           "editor) is re-generated with the garments.", [SD15], "4b2f6e2a-6f55-4d63-9a5e-0a1d2e55a007")
 
 
 def upper_lower():
@@ -184,6 +344,11 @@ def pose_three_garments():
 
 
 if __name__ == "__main__":
+    single_garment()
     upper_lower()
     pose_three_garments()
+    with_lora()
+    faceid()
+    magicclothing_joint()
+    inpainting()
     print("written:", ", ".join(p.name for p in sorted(OUT.glob("*.json"))))

@@ -139,6 +139,38 @@ class StubCLIPVision:
         return (_Vision(),)
 
 
+class Checkpoint:
+    """CheckpointLoaderSimple's signature with a tiny MODEL, a random (full-size) CLIP-L and a tiny VAE, for running
+    shipped workflows with tiny models substituted for the named files."""
+
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ckpt_name": ("STRING", {"default": ""})}}
+
+    def run(self, ckpt_name):
+        return (tiny.tiny_model_patcher(0), tiny.random_clip(), tiny.tiny_vae(0))
+
+
+class LoraLoaderStandIn:
+    """LoraLoader's signature: a random weight patch on the MODEL's attn1 to_k/to_v, CLIP passed through."""
+
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL", "CLIP")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "lora_name": ("STRING", {"default": ""}),
+                             "strength_model": ("FLOAT", {"default": 1.0}), "strength_clip": ("FLOAT", {"default": 1.0})}}
+
+    def run(self, model, clip, lora_name, strength_model, strength_clip):
+        return (AddLoRA().run(model, 4, strength_model, False)[0], clip)
+
+
 class CaptureLatent:
     CATEGORY = "AnyDressing tests"
     FUNCTION = "run"
@@ -336,6 +368,8 @@ NODE_CLASS_MAPPINGS = {
     "ADTestCaptureMask": CaptureMask,
     "ADTestPose": Pose,
     "ADTestStubCLIP": StubCLIP,
+    "ADTestCheckpoint": Checkpoint,
+    "ADTestLoraLoader": LoraLoaderStandIn,
     "ADTestStubCLIPVision": StubCLIPVision,
     "ADTestForeignAttn1": ForeignAttn1,
     "ADTestInterruptAt": InterruptAt,

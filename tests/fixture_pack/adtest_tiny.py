@@ -84,3 +84,23 @@ def garment_image(seed: int, width: int, height: int) -> torch.Tensor:
     low = torch.rand((1, 3, max(2, height // 16), max(2, width // 16)), generator=g)
     img = torch.nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
     return img.permute(0, 2, 3, 1).contiguous()
+
+
+_CLIP = {}
+
+
+def random_clip():
+    """ComfyUI's own SD1 CLIP-L text encoder and tokenizer with random weights (built once per process)."""
+    if "clip" not in _CLIP:
+        import comfy.sd
+        import comfy.sd1_clip
+
+        class Target:
+            clip = comfy.sd1_clip.SD1ClipModel
+            tokenizer = comfy.sd1_clip.SD1Tokenizer
+            params: dict = {}
+
+        clip = comfy.sd.CLIP(target=Target())
+        randomize(clip.cond_stage_model, 3)
+        _CLIP["clip"] = clip
+    return _CLIP["clip"]
