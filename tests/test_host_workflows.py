@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workflow_api import check_link_types, to_api
+from anydressing_core.workflow_api import check_link_types, to_api
 
 pytestmark = pytest.mark.host
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workflow_api import to_api
+from anydressing_core.workflow_api import to_api
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 

@@ -1,4 +1,6 @@
-"""Convert a ComfyUI UI-format workflow to API format using the live node definitions (test helper)."""
+"""Convert a ComfyUI UI-format workflow to API format using the node definitions (plain Python, no ComfyUI import).
+
+Used by the batch command and the tests; the node classes are passed in (NODE_CLASS_MAPPINGS of a booted host)."""
 
 from __future__ import annotations
 
