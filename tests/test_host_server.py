@@ -22,8 +22,11 @@ pytestmark = pytest.mark.host
 
 
 class Server:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, settings: dict = None):
         self.base = Path(tempfile.mkdtemp(prefix="anydressing-server-"))
+        if settings:
+            (self.base / "user" / "default").mkdir(parents=True)
+            (self.base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(settings))
         (self.base / "custom_nodes").mkdir()
         (self.base / "custom_nodes" / host_mod.PACK_LINK_NAME).symlink_to(host_mod.REPO, target_is_directory=True)
         (self.base / "custom_nodes" / "anydressing_test_fixtures").symlink_to(host_mod.FIXTURE_PACK,

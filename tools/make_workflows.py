@@ -13,8 +13,9 @@ SD15 = {"name": "v1-5-pruned-emaonly-fp16.safetensors",
         "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
                "v1-5-pruned-emaonly-fp16.safetensors",
         "directory": "checkpoints"}
-OPENPOSE = {"name": "control_v11p_sd15_openpose.pth",
-            "url": "https://huggingface.co/lllyasviel/ControlNet-v1-1/resolve/main/control_v11p_sd15_openpose.pth",
+OPENPOSE = {"name": "control_v11p_sd15_openpose_fp16.safetensors",
+            "url": "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
+                   "control_v11p_sd15_openpose_fp16.safetensors",
             "directory": "controlnet"}
 ENCODE_INPUTS = ([("garments_net", "GARMENTS_NET"), ("vae", "VAE"), ("image_1", "IMAGE"), ("clip", "CLIP"),
                   ("clip_vision", "CLIP_VISION")] +
@@ -73,24 +74,24 @@ class Graph:
 def common(g: Graph, garments: list[tuple[str, str]]):
     ckpt = g.node("CheckpointLoaderSimple", (20, 60), [SD15["name"]], [],
                   [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], size=(320, 100))
-    pos = g.node("CLIPTextEncode", (380, 40), ["a photo of a woman wearing the garments, standing in a street, "
+    pos = g.node("CLIPTextEncode", (420, 40), ["a photo of a woman wearing the garments, standing in a street, "
                                               "full body, best quality"], [("clip", "CLIP")],
                  [("CONDITIONING", "CONDITIONING")], title="Positive prompt", size=(400, 120))
-    neg = g.node("CLIPTextEncode", (380, 200), ["lowres, bad anatomy, worst quality, blurry"], [("clip", "CLIP")],
+    neg = g.node("CLIPTextEncode", (420, 220), ["lowres, bad anatomy, worst quality, blurry"], [("clip", "CLIP")],
                  [("CONDITIONING", "CONDITIONING")], title="Negative prompt", size=(400, 120))
     g.link(ckpt, 1, pos, "clip")
     g.link(ckpt, 1, neg, "clip")
     images = []
     for i, (slot, file) in enumerate(garments):
-        images.append(g.node("LoadImage", (20, 360 + 340 * i), [file, "image"], [],
+        images.append(g.node("LoadImage", (20, 380 + 380 * i), [file, "image"], [],
                              [("IMAGE", "IMAGE"), ("MASK", "MASK")], title=f"{slot.capitalize()} garment",
                              size=(320, 320)))
-    gnet = g.node("AnyDressingLoadGarmentsNet", (380, 380), ["training-free", "none"], [("model", "MODEL")],
+    gnet = g.node("AnyDressingLoadGarmentsNet", (420, 400), ["training-free", "none"], [("model", "MODEL")],
                   [("garments_net", "GARMENTS_NET")], size=(320, 80))
     g.link(ckpt, 0, gnet, "model")
     slots = [s for s, _ in garments] + ["hat", "bag", "other", "other", "other"]
-    enc = g.node("AnyDressingEncodeGarments", (380, 500), [slots[0], 576, 768] + slots[1:6], ENCODE_INPUTS,
-                 [("garment_features", "GARMENT_FEATURES"), ("garment_images", "IMAGE")], size=(320, 300))
+    enc = g.node("AnyDressingEncodeGarments", (420, 560), [slots[0], 576, 768] + slots[1:6], ENCODE_INPUTS,
+                 [("garment_features", "GARMENT_FEATURES"), ("garment_images", "IMAGE")], size=(360, 600))
     g.link(gnet, 0, enc, "garments_net")
     g.link(ckpt, 2, enc, "vae")
     for i, img in enumerate(images, start=1):
@@ -116,11 +117,11 @@ STYLE_LORA = {"name": "your_style_lora_sd15.safetensors", "url": "https://civita
               "directory": "loras"}
 
 
-def sample_and_save(g: Graph, model_ref, pos_ref, neg_ref, vae_ref, latent_ref=None, x=1200, steps=30, cfg=6.0,
+def sample_and_save(g: Graph, model_ref, pos_ref, neg_ref, vae_ref, latent_ref=None, x=1300, steps=30, cfg=6.0,
                     sampler="ddim", denoise=1.0):
     """KSampler -> VAEDecode -> SaveImage; an EmptyLatentImage when no latent is given. Returns the decode node."""
     if latent_ref is None:
-        latent_ref = (g.node("EmptyLatentImage", (820, 620), [576, 768, 1], [], [("LATENT", "LATENT")],
+        latent_ref = (g.node("EmptyLatentImage", (880, 700), [576, 768, 1], [], [("LATENT", "LATENT")],
                              size=(320, 110)), 0)
     ks = g.node("KSampler", (x, 60), [0, "fixed", steps, cfg, sampler, "normal", denoise],
                 [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -138,7 +139,7 @@ def sample_and_save(g: Graph, model_ref, pos_ref, neg_ref, vae_ref, latent_ref=N
     return dec
 
 
-def apply_node(g: Graph, model_ref, enc, strength=0.7, pos=(820, 380)):
+def apply_node(g: Graph, model_ref, enc, strength=0.7, pos=(880, 400)):
     apply = g.node("AnyDressingApplyDressingAttention", pos, [strength, "", 0.0, 1.0, "auto"],
                    [("model", "MODEL"), ("garment_features", "GARMENT_FEATURES"), ("garment_masks", "GARMENT_MASKS")],
                    [("model", "MODEL")], size=(340, 200))
@@ -160,7 +161,7 @@ def single_garment():
 def with_lora():
     g = Graph()
     ckpt, pos, neg, enc = common(g, [("upper", "garment_upper.png"), ("lower", "garment_lower.png")])
-    lora = g.node("LoraLoader", (20, 1060), [STYLE_LORA["name"], 0.8, 0.8], [("model", "MODEL"), ("clip", "CLIP")],
+    lora = g.node("LoraLoader", (20, 1180), [STYLE_LORA["name"], 0.8, 0.8], [("model", "MODEL"), ("clip", "CLIP")],
                   [("MODEL", "MODEL"), ("CLIP", "CLIP")], title="Your style / character LoRA", size=(320, 130))
     g.link(ckpt, 0, lora, "model")
     g.link(ckpt, 1, lora, "clip")
@@ -189,12 +190,12 @@ def with_lora():
 def faceid():
     g = Graph()
     ckpt, pos, neg, enc = common(g, [("upper", "garment_upper.png"), ("lower", "garment_lower.png")])
-    face = g.node("LoadImage", (20, 1060), ["face.png", "image"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    face = g.node("LoadImage", (20, 1180), ["face.png", "image"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")],
                   title="Face for identity", size=(320, 320))
-    loader = g.node("IPAdapterUnifiedLoaderFaceID", (380, 900), ["FACEID PLUS V2", 0.6, "CPU"],
+    loader = g.node("IPAdapterUnifiedLoaderFaceID", (880, 40), ["FACEID PLUS V2", 0.6, "CPU"],
                     [("model", "MODEL"), ("ipadapter", "IPADAPTER")], [("MODEL", "MODEL"), ("ipadapter", "IPADAPTER")],
                     title="IPAdapter FaceID loader (ComfyUI_IPAdapter_plus)", size=(320, 130))
-    fid = g.node("IPAdapterFaceID", (380, 1060), [0.85, 1.0, "linear", "concat", 0.0, 1.0, "V only"],
+    fid = g.node("IPAdapterFaceID", (880, 200), [0.85, 1.0, "linear", "concat", 0.0, 1.0, "V only"],
                  [("model", "MODEL"), ("ipadapter", "IPADAPTER"), ("image", "IMAGE")],
                  [("MODEL", "MODEL"), ("face_image", "IMAGE")], title="IPAdapter FaceID (ComfyUI_IPAdapter_plus)",
                  size=(320, 250))
@@ -217,7 +218,7 @@ def magicclothing_joint():
     gnet["widgets_values"] = [MAGIC["name"], "none"]
     g.link(ckpt, 1, enc, "clip")
     apply = apply_node(g, (ckpt, 0), enc, strength=1.0)
-    guide = g.node("AnyDressingGarmentGuidance", (820, 620), [2.5], [("model", "MODEL")], [("model", "MODEL")],
+    guide = g.node("AnyDressingGarmentGuidance", (880, 660), [2.5], [("model", "MODEL")], [("model", "MODEL")],
                    size=(320, 80))
     g.link(apply, 0, guide, "model")
     sample_and_save(g, (guide, 0), (pos, 0), (neg, 0), (ckpt, 2), steps=20, cfg=5.0, sampler="uni_pc")
@@ -230,11 +231,11 @@ def magicclothing_joint():
 def inpainting():
     g = Graph()
     ckpt, pos, neg, enc = common(g, [("upper", "garment_upper.png"), ("lower", "garment_lower.png")])
-    person = g.node("LoadImage", (20, 1060), ["person.png", "image"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    person = g.node("LoadImage", (20, 1180), ["person.png", "image"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")],
                     title="Person photo (paint the clothes area in the mask editor)", size=(320, 320))
-    venc = g.node("VAEEncode", (820, 660), [], [("pixels", "IMAGE"), ("vae", "VAE")], [("LATENT", "LATENT")],
+    venc = g.node("VAEEncode", (880, 700), [], [("pixels", "IMAGE"), ("vae", "VAE")], [("LATENT", "LATENT")],
                   size=(220, 50))
-    noise_mask = g.node("SetLatentNoiseMask", (820, 740), [], [("samples", "LATENT"), ("mask", "MASK")],
+    noise_mask = g.node("SetLatentNoiseMask", (880, 800), [], [("samples", "LATENT"), ("mask", "MASK")],
                         [("LATENT", "LATENT")], size=(220, 50))
     g.link(person, 0, venc, "pixels")
     g.link(ckpt, 2, venc, "vae")
@@ -250,17 +251,17 @@ def inpainting():
 def upper_lower():
     g = Graph()
     ckpt, pos, neg, enc = common(g, [("upper", "garment_upper.png"), ("lower", "garment_lower.png")])
-    apply = g.node("AnyDressingApplyDressingAttention", (820, 380), [0.7, "", 0.0, 1.0, "auto"],
+    apply = g.node("AnyDressingApplyDressingAttention", (880, 400), [0.7, "", 0.0, 1.0, "auto"],
                    [("model", "MODEL"), ("garment_features", "GARMENT_FEATURES"), ("garment_masks", "GARMENT_MASKS")],
                    [("model", "MODEL")], size=(340, 200))
-    latent = g.node("EmptyLatentImage", (820, 620), [576, 768, 1], [], [("LATENT", "LATENT")], size=(320, 110))
-    ks = g.node("KSampler", (1200, 60), [0, "fixed", 30, 6.0, "ddim", "normal", 1.0],
+    latent = g.node("EmptyLatentImage", (880, 700), [576, 768, 1], [], [("LATENT", "LATENT")], size=(320, 110))
+    ks = g.node("KSampler", (1300, 60), [0, "fixed", 30, 6.0, "ddim", "normal", 1.0],
                 [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                  ("latent_image", "LATENT")], [("LATENT", "LATENT")], size=(320, 270))
-    dec = g.node("VAEDecode", (1200, 380), [], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")],
+    dec = g.node("VAEDecode", (1300, 400), [], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")],
                  size=(220, 50))
-    save = g.node("SaveImage", (1560, 60), ["AnyDressing"], [("images", "IMAGE")], [], size=(420, 560))
-    prev = g.node("PreviewImage", (820, 780), [], [("images", "IMAGE")], [],
+    save = g.node("SaveImage", (1700, 60), ["AnyDressing"], [("images", "IMAGE")], [], size=(420, 560))
+    prev = g.node("PreviewImage", (880, 860), [], [("images", "IMAGE")], [],
                   title="Garments as GarmentsNet sees them", size=(340, 300))
     g.link(ckpt, 0, apply, "model")
     g.link(enc, 0, apply, "garment_features")
@@ -282,36 +283,36 @@ def pose_three_garments():
     g = Graph()
     ckpt, pos, neg, enc = common(g, [("upper", "garment_upper.png"), ("lower", "garment_lower.png"),
                                      ("shoes", "garment_shoes.png")])
-    ref = g.node("LoadImage", (20, 1400), ["pose_reference.png", "image"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    ref = g.node("LoadImage", (20, 1520), ["pose_reference.png", "image"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")],
                  title="Pose reference (a person photo)", size=(320, 320))
-    dw = g.node("DWPreprocessor", (380, 900),
+    dw = g.node("DWPreprocessor", (420, 1200),
                 ["enable", "enable", "enable", 512, "yolox_l.onnx", "dw-ll_ucoco_384_bs5.torchscript.pt", "disable"],
                 [("image", "IMAGE")], [("IMAGE", "IMAGE"), ("POSE_KEYPOINT", "POSE_KEYPOINT")],
                 title="DWPose (comfyui_controlnet_aux)", size=(320, 220))
-    cnl = g.node("ControlNetLoader", (820, 40), [OPENPOSE["name"]], [], [("CONTROL_NET", "CONTROL_NET")],
+    cnl = g.node("ControlNetLoader", (880, 40), [OPENPOSE["name"]], [], [("CONTROL_NET", "CONTROL_NET")],
                  size=(320, 60))
-    cna = g.node("ControlNetApplyAdvanced", (820, 140), [1.0, 0.0, 1.0],
+    cna = g.node("ControlNetApplyAdvanced", (880, 140), [1.0, 0.0, 1.0],
                  [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("control_net", "CONTROL_NET"),
                   ("image", "IMAGE"), ("vae", "VAE")],
                  [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], size=(320, 190))
-    masks = g.node("AnyDressingGarmentMasks", (820, 380), [576, 768, 8, 8, 0, ""], MASK_INPUTS,
-                   [("garment_masks", "GARMENT_MASKS"), ("masks", "MASK")], size=(340, 300))
-    apply = g.node("AnyDressingApplyDressingAttention", (820, 720), [0.7, "", 0.0, 1.0, "auto"],
+    masks = g.node("AnyDressingGarmentMasks", (880, 380), [576, 768, 8, 8, 0, ""], MASK_INPUTS,
+                   [("garment_masks", "GARMENT_MASKS"), ("masks", "MASK")], size=(360, 420))
+    apply = g.node("AnyDressingApplyDressingAttention", (880, 860), [0.7, "", 0.0, 1.0, "auto"],
                    [("model", "MODEL"), ("garment_features", "GARMENT_FEATURES"), ("garment_masks", "GARMENT_MASKS")],
                    [("model", "MODEL")], size=(340, 200))
-    latent = g.node("EmptyLatentImage", (820, 960), [576, 768, 1], [], [("LATENT", "LATENT")], size=(320, 110))
-    ks = g.node("KSampler", (1200, 60), [0, "fixed", 30, 6.0, "ddim", "normal", 1.0],
+    latent = g.node("EmptyLatentImage", (880, 1100), [576, 768, 1], [], [("LATENT", "LATENT")], size=(320, 110))
+    ks = g.node("KSampler", (1300, 60), [0, "fixed", 30, 6.0, "ddim", "normal", 1.0],
                 [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                  ("latent_image", "LATENT")], [("LATENT", "LATENT")], size=(320, 270))
-    dec = g.node("VAEDecode", (1200, 380), [], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")],
+    dec = g.node("VAEDecode", (1300, 400), [], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")],
                  size=(220, 50))
-    save = g.node("SaveImage", (1560, 60), ["AnyDressing"], [("images", "IMAGE")], [], size=(420, 560))
-    maps = g.node("AnyDressingGarmentAttentionMaps", (1200, 480), [0.5, 0, "fixed", 0],
+    save = g.node("SaveImage", (1700, 60), ["AnyDressing"], [("images", "IMAGE")], [], size=(420, 560))
+    maps = g.node("AnyDressingGarmentAttentionMaps", (1300, 500), [0.5, 0, "fixed", 0],
                   [("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT"), ("image", "IMAGE")],
                   [("overlays", "IMAGE"), ("maps", "MASK")], size=(320, 200))
-    prev = g.node("PreviewImage", (1560, 660), [], [("images", "IMAGE")], [], title="Where each garment went",
+    prev = g.node("PreviewImage", (1700, 680), [], [("images", "IMAGE")], [], title="Where each garment went",
                   size=(420, 400))
-    pose_prev = g.node("PreviewImage", (380, 1160), [], [("images", "IMAGE")], [], title="Pose", size=(320, 300))
+    pose_prev = g.node("PreviewImage", (420, 1480), [], [("images", "IMAGE")], [], title="Pose", size=(320, 300))
     g.link(ref, 0, dw, "image")
     g.link(pos, 0, cna, "positive")
     g.link(neg, 0, cna, "negative")

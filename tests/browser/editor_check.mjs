@@ -1,0 +1,95 @@
+// Opens the real ComfyUI frontend in Debian's chromium (driven by playwright-core; no browser download), loads each
+// workflow, reports missing node types, nodes with errors and the AnyDressing tooltips, takes a screenshot, then
+// queues one workflow given in API format from the page. Only 127.0.0.1 is reachable.
+// usage: node editor_check.mjs URL OUT_DIR QUEUE_API_JSON WORKFLOW.json...
+import { chromium } from "playwright-core";
+import fs from "node:fs";
+import path from "node:path";
+
+const [url, outDir, queuePath, ...workflows] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath: "/usr/bin/chromium",
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"],
+});
+const result = { workflows: [], pageErrors: [], blocked: [] };
+try {
+  const context = await browser.newContext({ viewport: { width: 2300, height: 1450 } });
+  const page = await context.newPage();
+  await page.route("**/*", (route) => {
+    const u = new URL(route.request().url());
+    if (u.hostname === "127.0.0.1" || u.protocol === "data:" || u.protocol === "blob:") return route.continue();
+    result.blocked.push(u.hostname);
+    return route.abort();
+  });
+  page.on("pageerror", (e) => result.pageErrors.push(String(e) + " @ " + String(e.stack || "").split("\n").slice(1, 4).join(" | ")));
+  await page.goto(url, { waitUntil: "domcontentloaded" });
+  await page.waitForFunction(() => window.app && window.app.graph && window.LiteGraph
+    && Object.keys(window.LiteGraph.registered_node_types || {}).some((t) => t.startsWith("AnyDressing")),
+    null, { timeout: 90000 });
+  await page.waitForTimeout(1500);
+  result.startupErrors = result.pageErrors.slice();
+  await page.evaluate(() => {
+    window.__missing = null;
+    window.app.registerExtension({
+      name: "anydressing.tests",
+      afterConfigureGraph(missing) {
+        window.__missing = (missing || []).map((m) => (typeof m === "string" ? m : m.type || m.class_type || String(m)));
+      },
+    });
+  });
+  result.tooltips = await page.evaluate(() => {
+    const out = {};
+    for (const [type, cls] of Object.entries(window.LiteGraph.registered_node_types)) {
+      if (!type.startsWith("AnyDressing")) continue;
+      const nd = cls.nodeData || {};
+      const inputs = { ...((nd.input || {}).required || {}), ...((nd.input || {}).optional || {}) };
+      out[type] = {
+        inputs: Object.fromEntries(Object.entries(inputs).map(([k, v]) => [k, (v[1] || {}).tooltip || null])),
+        outputs: nd.output_tooltips || [],
+        description: nd.description || "",
+        display: nd.display_name || "",
+      };
+    }
+    return out;
+  });
+  for (const wf of workflows) {
+    const name = path.basename(wf);
+    const errorsAtStart = result.pageErrors.length;
+    const data = JSON.parse(fs.readFileSync(wf, "utf8"));
+    await page.evaluate(async ([d, n]) => { window.__missing = null; await window.app.loadGraphData(d, true, true, n); },
+      [data, name]);
+    await page.waitForTimeout(800);
+    const dialogs = await page.evaluate(() => document.querySelectorAll(".p-dialog").length);
+    for (let i = 0; i < 3; i++) await page.keyboard.press("Escape");  // close the missing-nodes dialog, if any
+    await page.waitForTimeout(300);
+    const info = await page.evaluate(() => {
+      const g = window.app.graph;
+      const nodes = g._nodes || g.nodes || [];
+      return {
+        missing: window.__missing,
+        nodes: nodes.length,
+        types: nodes.map((n) => n.type),
+        errors: nodes.filter((n) => n.has_errors).map((n) => n.type),
+      };
+    });
+    await page.evaluate(() => { const c = window.app.canvas; c.ds.scale = 0.75; c.ds.offset = [10, 10];
+                                c.setDirty(true, true); });
+    await page.waitForTimeout(300);
+    await page.screenshot({ path: path.join(outDir, name.replace(/\.json$/, ".png")) });
+    result.workflows.push({ name, ...info, dialogs, pageErrors: result.pageErrors.slice(errorsAtStart) });
+  }
+  // queue one tiny workflow from the page, as a user pressing Queue would
+  const api = JSON.parse(fs.readFileSync(queuePath, "utf8"));
+  const errorsBeforeQueue = result.pageErrors.length;
+  await page.evaluate(async (a) => { await window.app.loadApiJson(a, "tiny.json"); }, api);
+  await page.waitForTimeout(500);
+  await page.evaluate(async () => { await window.app.queuePrompt(0, 1); });
+  await page.waitForTimeout(500);
+  result.queued = true;
+  result.queueErrors = result.pageErrors.slice(errorsBeforeQueue);
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(result));
