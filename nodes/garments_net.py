@@ -176,7 +176,8 @@ def load(choice: str, path: Optional[str], base_model: Optional[Any], extra_path
         return GarmentsNet(patcher=base_model.clone(), source=TRAINING_FREE)
     if path is None or not os.path.isfile(path):
         raise NodeError(NODE, f"GarmentsNet file {choice!r} not found (expected at {path or choice}); put it in "
-                              f"ComfyUI/models/anydressing/ and refresh")
+                              f"ComfyUI/models/anydressing/ and refresh (the README's model table says where each "
+                              f"file comes from)")
     if extra_path is not None and not os.path.isfile(extra_path):
         raise NodeError(NODE, f"extra weights file not found (expected at {extra_path}); put it in "
                               f"ComfyUI/models/anydressing/ and refresh")
