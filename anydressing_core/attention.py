@@ -140,14 +140,11 @@ def garment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         # Exactly eq. 6: one softmax over all garment tokens.
         return attention(q, keys.expand(b, -1, -1), values.expand(b, -1, -1), heads)
 
-    if masks is not None:
+    m = None
+    if masks is not None:  # (no host sync here: queries that see no garment come out as exact zeros below)
         m = masks.to(device=q.device, dtype=torch.float32)
         if m.dim() == 2:
             m = m.unsqueeze(0)
-        if not bool((m > 0).any()):
-            return torch.zeros_like(q)
-    else:
-        m = None
 
     qh = _split_heads(q, heads)
     outs, lses = [], []
@@ -161,18 +158,17 @@ def garment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     coef_values = [1.0] * n if weights is None else [float(w) for w in weights]
     if len(coef_values) != n:
         raise ValueError(f"{len(coef_values)} garment weights given for {n} garments")
-    coef = torch.tensor(coef_values, device=q.device, dtype=torch.float32).view(n, 1, 1, 1)
     if m is not None:
         visible = (m > 0).permute(1, 0, 2).unsqueeze(2)  # [N, B|1, 1, Lq]
         lse_all = lse_all.masked_fill(~visible, float("-inf"))
-        coef = coef * m.permute(1, 0, 2).unsqueeze(2)
     total = torch.logsumexp(lse_all, dim=0, keepdim=True)
-    share = torch.exp(lse_all - total)
-    share = torch.nan_to_num(share, nan=0.0)  # queries that see no garment: -inf - -inf
-    mix = share * coef  # [N, B, h, Lq]
+    share = torch.nan_to_num(torch.exp(lse_all - total), nan=0.0)  # no visible garment: -inf - -inf -> 0
     out = torch.zeros_like(qh, dtype=torch.float32)
-    for k in range(n):
-        out = out + mix[k].unsqueeze(-1) * outs[k].float()
+    for k in range(n):  # weights stay Python floats: no host-to-device copy per call
+        mix = share[k] * coef_values[k]
+        if m is not None:
+            mix = mix * m[:, k].unsqueeze(1)
+        out = out + mix.unsqueeze(-1) * outs[k].float()
     return out.to(q.dtype).transpose(1, 2).reshape(q.shape)
 
 

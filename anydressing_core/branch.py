@@ -225,6 +225,16 @@ class DressingBranch:
             v_add[start:end] = vp * self.strength
         return k_add, v_add
 
+    def any_visible(self, masks: torch.Tensor, cache: Optional[RunCache]) -> bool:
+        """Whether any query of this grid sees a garment; one host sync per grid and run, not per call."""
+        ck = ("any", id(self), tuple(masks.shape))
+        if cache is not None and ck in cache:
+            return cache[ck]
+        value = bool((masks > 0).any())
+        if cache is not None:
+            cache[ck] = value
+        return value
+
     def output(self, key: LayerKey, q: torch.Tensor, extra: dict) -> Optional[list[tuple[int, int, torch.Tensor]]]:
         """lambda * G for the rows that see garments, as (start, end, tensor) pieces; None when inactive here."""
         layer = self.layers.get(key)
@@ -235,7 +245,7 @@ class DressingBranch:
             return None
         cache = extra.get(RUN_CACHE_KEY)
         masks = self.layer_masks(extra, q.shape[1], q.device, cache)
-        if masks is not None and not bool((masks > 0).any()):
+        if masks is not None and not self.any_visible(masks, cache):
             return None  # no query sees any garment: exactly the unpatched layer
         kp, vp = self.projected(key, layer, q.device, q.dtype, cache)
         heads = int(extra["n_heads"])
