@@ -99,7 +99,11 @@ def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str], clip=
     if any(slot in gnet.loras for slot in row_slots):
         transformer_options["patches_replace"]["attn1"] = {k: hooks.gfe_replace for k in blocks}
     with torch.no_grad():
-        dm(x, timesteps=timesteps, context=context, transformer_options=transformer_options)
+        extra = {}
+        adm = model.model_config.unet_config.get("adm_in_channels")
+        if adm:  # class-conditioned UNets (SDXL in training-free mode) need a vector: a neutral zero one
+            extra["y"] = torch.zeros((n, int(adm)), device=device, dtype=dtype)
+        dm(x, timesteps=timesteps, context=context, transformer_options=transformer_options, **extra)
     ENCODE_RUNS["count"] += 1
 
     missing = [format_key(k) for k in blocks if k not in hooks.captured]

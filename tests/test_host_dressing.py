@@ -195,3 +195,33 @@ def test_garment_projections_once_per_sampling_run_and_freed_after(host, store, 
     assert cleared == [16]  # the run's cache held them and was emptied when sampling ended
     run(host, store, "again", steps=3, seed=1)
     assert len(calls) == 32 and cleared == [16, 16]  # a new run projects again (weights may have changed)
+
+
+def test_training_free_on_an_sdxl_architecture_model(host):
+    """The layers are found by walking the model: a (tiny) SDXL-architecture UNet, with two transformer blocks per
+    layer and a class-conditioning vector, encodes and patches in training-free mode."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    import adtest_tiny
+
+    cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+           "legacy": False, "num_classes": "sequential", "adm_in_channels": 64, "in_channels": 4,
+           "model_channels": 32, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 2, 2],
+           "channel_mult": [1, 2, 4], "transformer_depth_middle": 2, "use_linear_in_transformer": True,
+           "context_dim": 64, "num_head_channels": 16, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 2, 2, 2],
+           "use_temporal_attention": False, "use_temporal_resblock": False}
+    model_config = comfy.supported_models.SDXL(cfg)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({}, "")
+    adtest_tiny.randomize(model.diffusion_model, 0)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    gn = host.pack_module("nodes.garments_net")
+    enc = host.pack_module("nodes.encode")
+    apply = host.pack_module("nodes.apply")
+    feats = enc.encode(gn.load("training-free", None, patcher), torch.randn(2, 4, 8, 8), ["upper", "lower"])
+    assert len(feats.layers) == 22 and ("input", 4, 1) in feats.layers  # 2 blocks in each of 11 transformers
+    m = apply.apply(patcher, feats, 0.7, "", 0.0, 1.0, "auto", None)
+    assert len(m.model_options["transformer_options"]["patches_replace"]["attn1"]) == 22
