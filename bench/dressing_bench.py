@@ -26,14 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def boot(comfyui: Path, cpu: bool):
+def boot(comfyui: Path, cpu: bool, flags: list[str] = ()):
     sys.path.insert(0, str(comfyui))
     base = Path(tempfile.mkdtemp(prefix="anydressing-bench-"))
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "ComfyUI-AnyDressing").symlink_to(REPO, target_is_directory=True)
     saved = sys.argv
     sys.argv = ["main.py", "--base-directory", str(base), "--database-url", "sqlite:///:memory:"] + (
-        ["--cpu", "--use-pytorch-cross-attention"] if cpu else [])
+        ["--cpu", "--use-pytorch-cross-attention"] if cpu else []) + [f for f in flags if f not in ("--cpu",)]
     try:
         import comfy.options
 
