@@ -60,6 +60,13 @@ def attention_maps(model: Any, positive: Any, latent: dict, at_percent: float, s
     if not has_dressing(model):
         raise glue.NodeError(NODE, "the MODEL has no Dressing-Attention: connect the MODEL output of Apply "
                                    "Dressing-Attention")
+    to = model.model_options.get("transformer_options", {})
+    modes = {b.mode for r in to.get("patches_replace", {}).get("attn1", {}).values()
+             if isinstance(r, DressingAttentionReplace) for b in r.branches}
+    if modes == {"concat"}:
+        raise glue.NodeError(NODE, "maps need garment attention of its own (Dressing-Attention); MagicClothing's "
+                                   "concat files mix garment tokens into self-attention, which this node does not "
+                                   "map")
     samples = latent["samples"]
     m = model.clone()
     probe = AttentionProbe()

@@ -188,3 +188,18 @@ def _vision_1280():
             return _Out(torch.randn(image.shape[0], 257, 1280, generator=torch.Generator().manual_seed(0)))
 
     return _Vision()
+
+
+def test_feature_bank_of_one_garment_at_768x576_fits_40_mb(host, full_unet):
+    """Issue 6's memory target, on the real SD1.5 widths: 16 layers of one garment at 768 x 576, stored in fp16."""
+    from anydressing_core.native_format import write_native
+
+    sd, _ = full_unet
+    d = host.anydressing_dir()
+    write_native(str(d / "bank.safetensors"), unet=sd)
+    gnet = host.pack_module("nodes.garments_net").load("bank.safetensors", str(d / "bank.safetensors"), None)
+    feats = host.pack_module("nodes.encode").encode(gnet, torch.randn(1, 4, 96, 72), ["upper"])
+    fp16_bytes = sum(t.numel() for t in feats.layers.values()) * 2
+    assert fp16_bytes <= 40e6, fp16_bytes
+    assert sum(t.shape[1] for t in feats.layers.values()) == 5 * 6912 + 5 * 1728 + 5 * 432 + 108
+    (d / "bank.safetensors").unlink()
