@@ -1,0 +1,167 @@
+"""The trainable parts of AnyDressing around a frozen SD1.5 UNet (paper §4, §5.1).
+
+Trained: per-slot LoRA on GarmentsNet's self-attention q/k/v (the Garment-Specific Feature Extractor) and the
+Dressing-Attention projections W_k'/W_v' (initialised from W_k/W_v). Frozen: the denoising UNet (DressingNet) and
+GarmentsNet's base weights (the same UNet, as in the pack's training-free mode). The forward pass uses the pack's own
+hooks and attention code, so a trained file gives the node pack the same features as training did.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anydressing_core.branch import PROBE_KEY, AttentionProbe, DressingAttentionReplace, DressingBranch, DressingLayer
+from anydressing_core.encoder import GarmentEncodeHooks, zero_cross_attention_output, zero_cross_attention_replace
+from anydressing_core.layers import LayerKey, is_layer_path, key_from_path, path_from_key, sort_keys
+
+
+def format_key(key: LayerKey) -> str:
+    """A parameter-safe layer name: input_1_0."""
+    return f"{key[0]}_{key[1]}_{key[2]}"
+from anydressing_core.lora import LoRA
+from anydressing_core.masks import resize_to_grid
+from anydressing_core.native_format import write_native
+
+SelfAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def self_attention_blocks(unet: nn.Module) -> dict[LayerKey, nn.Module]:
+    """Transformer blocks with self-attention, keyed like ComfyUI's attn1 patches (found by walking the model)."""
+    found = {}
+    for name, module in unet.named_modules():
+        if hasattr(module, "attn1") and hasattr(module, "norm1") and is_layer_path(name):
+            found[key_from_path(name)] = module
+    return {k: found[k] for k in sort_keys(found)}
+
+
+def ddpm_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """SD1.5's scaled-linear schedule."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+class DressingTrainer(nn.Module):
+    def __init__(self, unet: nn.Module, slots: list[str], rank: int = 8, alpha: float = 8.0,
+                 self_attention: Optional[SelfAttention] = None, strength: float = 1.0):
+        super().__init__()
+        self.unet = unet.requires_grad_(False)
+        self.slots = list(slots)
+        self.rank, self.alpha, self.strength = rank, float(alpha), strength
+        self.blocks = self_attention_blocks(unet)
+        if not self.blocks:
+            raise ValueError("the UNet has no self-attention transformer blocks")
+        self.self_attention = self_attention or _sdpa_self_attention
+        self.lora = nn.ParameterDict()
+        self.w_k = nn.ParameterDict()
+        self.w_v = nn.ParameterDict()
+        g = torch.Generator().manual_seed(0)
+        for key, block in self.blocks.items():
+            c = block.attn1.to_k.in_features
+            name = format_key(key)
+            self.w_k[name] = nn.Parameter(block.attn1.to_k.weight.detach().clone().float())
+            self.w_v[name] = nn.Parameter(block.attn1.to_v.weight.detach().clone().float())
+            for slot in self.slots:
+                for proj in "qkv":
+                    # LoRA init: down random, up zero, so training starts from the base GarmentsNet
+                    self.lora[f"{slot}__{name}__{proj}__down"] = nn.Parameter(
+                        torch.randn(rank, c, generator=g) / math.sqrt(c))
+                    self.lora[f"{slot}__{name}__{proj}__up"] = nn.Parameter(torch.zeros(c, rank))
+        self.register_buffer("alphas_cumprod", ddpm_alphas_cumprod(), persistent=False)
+
+    def slot_loras(self) -> dict:
+        out: dict = {}
+        scale = self.alpha / self.rank
+        for key in self.blocks:
+            name = format_key(key)
+            for slot in self.slots:
+                out.setdefault(slot, {})[key] = {
+                    proj: LoRA(self.lora[f"{slot}__{name}__{proj}__down"], self.lora[f"{slot}__{name}__{proj}__up"],
+                               scale) for proj in "qkv"}
+        return out
+
+    def encode(self, garment_latents: torch.Tensor, row_slots: list[str]) -> dict[LayerKey, torch.Tensor]:
+        """GarmentsNet at t = 0, cross-attention removed, each row through its slot's LoRA: [N, S, C] per layer."""
+        n = garment_latents.shape[0]
+        hooks = GarmentEncodeHooks(row_slots, self.slot_loras(), self.self_attention)
+        to = {"patches": {"attn1_patch": [hooks.capture], "attn2_output_patch": [zero_cross_attention_output]},
+              "patches_replace": {"attn1": {k: hooks.gfe_replace for k in self.blocks},
+                                  "attn2": {k: zero_cross_attention_replace for k in self.blocks}}}
+        context = garment_latents.new_zeros((n, 1, self.context_dim))
+        self.unet(garment_latents, timesteps=torch.zeros(n, device=garment_latents.device), context=context,
+                  transformer_options=to)
+        return {k: hooks.captured[k] for k in self.blocks}
+
+    @property
+    def context_dim(self) -> int:
+        block = next(iter(self.blocks.values()))
+        return int(block.attn2.to_k.in_features)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, features: dict,
+                masks: Optional[torch.Tensor] = None, probe: Optional[AttentionProbe] = None) -> torch.Tensor:
+        """DressingNet's noise prediction with the garments (one garment set for the batch)."""
+        layers = {}
+        for key, f in features.items():
+            nk, s, c = f.shape
+            name = format_key(key)
+            layers[key] = DressingLayer(features=f.reshape(1, nk * s, c), segments=[(i * s, (i + 1) * s)
+                                                                                    for i in range(nk)],
+                                        key_proj=self.w_k[name], value_proj=self.w_v[name])
+        branch = DressingBranch(layers, strength=self.strength, masks=masks, attention=_sdpa)
+        replaces = {k: DressingAttentionReplace(k, self.self_attention, branches=[branch]) for k in layers}
+        to = {"patches_replace": {"attn1": replaces}}
+        if probe is not None:
+            to[PROBE_KEY] = probe
+        return self.unet(x_t, timesteps=t, context=context, transformer_options=to)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def losses(self, x0: torch.Tensor, context: torch.Tensor, garment_latents: torch.Tensor, row_slots: list[str],
+               person_masks: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The diffusion loss and the instance-level localization loss (eq. 7-9) for one sample."""
+        features = self.encode(garment_latents, row_slots)
+        probe = AttentionProbe(keep_grad=True)
+        eps = self.denoise(self.add_noise(x0, noise, t), t.float(), context, features, probe=probe)
+        out = {"diffusion": F.mse_loss(eps.float(), noise.float())}
+        terms = []
+        for branch in probe.order:
+            for mass, (h, w) in probe.maps[branch].values():  # mass: [N, rows, h*w]
+                target = resize_to_grid(person_masks, h, w).to(mass.device)
+                terms.append(((mass - target.unsqueeze(1)) ** 2).mean())
+        out["localization"] = torch.stack(terms).mean() if terms else x0.new_zeros(())
+        return out
+
+    def save(self, path: str, metadata: dict) -> None:
+        loras = {}
+        scale_alpha = self.alpha
+        for slot in self.slots:
+            for key in self.blocks:
+                name = format_key(key)
+                loras.setdefault(slot, {})[path_from_key(key)] = {
+                    proj: (self.lora[f"{slot}__{name}__{proj}__down"].detach().cpu().float(),
+                           self.lora[f"{slot}__{name}__{proj}__up"].detach().cpu().float(), scale_alpha)
+                    for proj in "qkv"}
+        dressing = {path_from_key(k): (self.w_k[format_key(k)].detach().cpu().float(),
+                                       self.w_v[format_key(k)].detach().cpu().float()) for k in self.blocks}
+        meta = {"lora_rank": str(self.rank), "lora_alpha": str(self.alpha)}
+        meta.update({k: str(v) for k, v in metadata.items()})
+        write_native(path, loras=loras, dressing=dressing, extra_metadata=meta)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    b, lq, inner = q.shape
+    d = inner // heads
+    qh = q.reshape(b, lq, heads, d).transpose(1, 2)
+    kh = k.reshape(k.shape[0], k.shape[1], heads, d).transpose(1, 2)
+    vh = v.reshape(v.shape[0], v.shape[1], heads, d).transpose(1, 2)
+    return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, lq, inner)
+
+
+def _sdpa_self_attention(q, k, v, extra):
+    return _sdpa(q, k, v, extra["n_heads"])
