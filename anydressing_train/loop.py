@@ -75,14 +75,14 @@ def train(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_t
 
 @torch.no_grad()
 def evaluate(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_text: EncodeText,
-             timesteps=(100, 300, 500, 700, 900), seed: int = 123) -> dict[str, float]:
+             timesteps=(100, 300, 500, 700, 900), seed: int = 123, limit: int = 0) -> dict[str, float]:
     """Fixed noise and timesteps: mean diffusion and localization losses, and each garment's mean attention mass
     inside its mask minus outside it (averaged over layers)."""
     from anydressing_core.branch import AttentionProbe
 
     gen = torch.Generator().manual_seed(seed)
     diff, loc, inside, outside = [], [], [], []
-    for i in range(len(dataset)):
+    for i in range(min(len(dataset), limit) if limit else len(dataset)):
         sample = dataset[i]
         slots = list(sample.garments)
         x0, garments, masks, context = batch_for(sample, slots, encode_image, encode_text)

@@ -28,7 +28,7 @@ try {
   await page.waitForFunction(() => window.app && window.app.graph && window.LiteGraph
     && Object.keys(window.LiteGraph.registered_node_types || {}).some((t) => t.startsWith("AnyDressing")),
     null, { timeout: 90000 });
-  await page.waitForTimeout(1500);
+  await page.waitForTimeout(800);
   result.startupErrors = result.pageErrors.slice();
   await page.evaluate(() => {
     window.__missing = null;
@@ -60,7 +60,7 @@ try {
     const data = JSON.parse(fs.readFileSync(wf, "utf8"));
     await page.evaluate(async ([d, n]) => { window.__missing = null; await window.app.loadGraphData(d, true, true, n); },
       [data, name]);
-    await page.waitForTimeout(800);
+    await page.waitForTimeout(400);
     const dialogs = await page.evaluate(() => document.querySelectorAll(".p-dialog").length);
     for (let i = 0; i < 3; i++) await page.keyboard.press("Escape");  // close the missing-nodes dialog, if any
     await page.waitForTimeout(300);
