@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anydressing_core.attention import sdpa_attention
 from anydressing_core.branch import PROBE_KEY, AttentionProbe, DressingAttentionReplace, DressingBranch, DressingLayer
 from anydressing_core.encoder import GarmentEncodeHooks, zero_cross_attention_output, zero_cross_attention_replace
 from anydressing_core.layers import LayerKey, is_layer_path, key_from_path, path_from_key, sort_keys
@@ -111,7 +112,7 @@ class DressingTrainer(nn.Module):
             layers[key] = DressingLayer(features=f.reshape(1, nk * s, c), segments=[(i * s, (i + 1) * s)
                                                                                     for i in range(nk)],
                                         key_proj=self.w_k[name], value_proj=self.w_v[name])
-        branch = DressingBranch(layers, strength=self.strength, masks=masks, attention=_sdpa)
+        branch = DressingBranch(layers, strength=self.strength, masks=masks, attention=sdpa_attention)
         replaces = {k: DressingAttentionReplace(k, self.self_attention, branches=[branch]) for k in layers}
         to = {"patches_replace": {"attn1": replaces}}
         if probe is not None:
@@ -154,14 +155,6 @@ class DressingTrainer(nn.Module):
         write_native(path, loras=loras, dressing=dressing, extra_metadata=meta)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    b, lq, inner = q.shape
-    d = inner // heads
-    qh = q.reshape(b, lq, heads, d).transpose(1, 2)
-    kh = k.reshape(k.shape[0], k.shape[1], heads, d).transpose(1, 2)
-    vh = v.reshape(v.shape[0], v.shape[1], heads, d).transpose(1, 2)
-    return F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, lq, inner)
-
 
 def _sdpa_self_attention(q, k, v, extra):
-    return _sdpa(q, k, v, extra["n_heads"])
+    return sdpa_attention(q, k, v, extra["n_heads"])

@@ -251,27 +251,10 @@ def inpainting():
 def upper_lower():
     g = Graph()
     ckpt, pos, neg, enc = common(g, [("upper", "garment_upper.png"), ("lower", "garment_lower.png")])
-    apply = g.node("AnyDressingApplyDressingAttention", (880, 400), [0.7, "", 0.0, 1.0, "auto"],
-                   [("model", "MODEL"), ("garment_features", "GARMENT_FEATURES"), ("garment_masks", "GARMENT_MASKS")],
-                   [("model", "MODEL")], size=(340, 200))
-    latent = g.node("EmptyLatentImage", (880, 700), [576, 768, 1], [], [("LATENT", "LATENT")], size=(320, 110))
-    ks = g.node("KSampler", (1300, 60), [0, "fixed", 30, 6.0, "ddim", "normal", 1.0],
-                [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                 ("latent_image", "LATENT")], [("LATENT", "LATENT")], size=(320, 270))
-    dec = g.node("VAEDecode", (1300, 400), [], [("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")],
-                 size=(220, 50))
-    save = g.node("SaveImage", (1700, 60), ["AnyDressing"], [("images", "IMAGE")], [], size=(420, 560))
+    apply = apply_node(g, (ckpt, 0), enc)
+    sample_and_save(g, (apply, 0), (pos, 0), (neg, 0), (ckpt, 2))
     prev = g.node("PreviewImage", (880, 860), [], [("images", "IMAGE")], [],
                   title="Garments as GarmentsNet sees them", size=(340, 300))
-    g.link(ckpt, 0, apply, "model")
-    g.link(enc, 0, apply, "garment_features")
-    g.link(apply, 0, ks, "model")
-    g.link(pos, 0, ks, "positive")
-    g.link(neg, 0, ks, "negative")
-    g.link(latent, 0, ks, "latent_image")
-    g.link(ks, 0, dec, "samples")
-    g.link(ckpt, 2, dec, "vae")
-    g.link(dec, 0, save, "images")
     g.link(enc, 1, prev, "images")
     g.save("anydressing_upper_lower.json",
            "AnyDressing: upper + lower garment on your SD1.5 checkpoint. Load your garment photos, pick your "
