@@ -22,7 +22,7 @@ EncodeText = Callable[[str], torch.Tensor]  # caption -> [1, 77, 768]
 def batch_for(sample, slots: list[str], encode_image: EncodeImage, encode_text: EncodeText):
     x0 = encode_image(sample.person.unsqueeze(0))
     garments = torch.cat([encode_image(sample.garments[s].unsqueeze(0)) for s in slots], dim=0)
-    masks = torch.stack([sample.masks[s] for s in slots], dim=0)
+    masks = torch.stack([sample.masks[s] for s in slots], dim=0).to(x0.device)
     return x0, garments, masks, encode_text(sample.caption)
 
 
@@ -50,8 +50,8 @@ def train(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_t
         sample = dataset[rng.randrange(len(dataset))]
         slots = augment(sample, rng, dropout)
         x0, garments, masks, context = batch_for(sample, slots, encode_image, encode_text)
-        t = torch.randint(0, 1000, (1,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (1,), generator=gen).to(x0.device)
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         losses = trainer.losses(x0, context, garments, slots, masks, t, noise)
         total = losses["diffusion"] + lambda_loc * losses["localization"]
         opt.zero_grad(set_to_none=True)
@@ -88,15 +88,15 @@ def evaluate(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encod
         x0, garments, masks, context = batch_for(sample, slots, encode_image, encode_text)
         features = trainer.encode(garments, slots)
         for t_val in timesteps:
-            t = torch.tensor([t_val])
-            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.tensor([t_val], device=x0.device)
+            noise = torch.randn(x0.shape, generator=gen).to(x0.device)
             probe = AttentionProbe()
             eps = trainer.denoise(trainer.add_noise(x0, noise, t), t.float(), context, features, probe=probe)
             diff.append(float(((eps - noise) ** 2).mean()))
             terms = []
             for branch in probe.order:
                 for mass, (h, w) in probe.maps[branch].values():
-                    target = resize_to_grid(masks, h, w)
+                    target = resize_to_grid(masks, h, w).to(mass.device)
                     terms.append(float(((mass[:, 0] - target) ** 2).mean()))
                     binary = target > 0.5
                     for k in range(len(slots)):

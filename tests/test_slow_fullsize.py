@@ -203,3 +203,32 @@ def test_feature_bank_of_one_garment_at_768x576_fits_40_mb(host, full_unet):
     assert fp16_bytes <= 40e6, fp16_bytes
     assert sum(t.shape[1] for t in feats.layers.values()) == 5 * 6912 + 5 * 1728 + 5 * 432 + 108
     (d / "bank.safetensors").unlink()
+
+
+def test_training_command_on_a_full_size_checkpoint(host, tmp_path):
+    """python -m anydressing_train: a real SD1.5-shaped checkpoint through ComfyUI's loader, two steps, native file."""
+    import os
+    import subprocess
+    import sys
+
+    import host as host_mod
+    from anydressing_core.native_format import read_native
+    from anydressing_train.data import make_synthetic
+
+    ckpt = host.models_dir / "checkpoints" / "train_base.safetensors"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    if not ckpt.is_file():
+        write_random_sd15_checkpoint(ckpt)
+    make_synthetic(str(tmp_path / "data"), count=2, size=64)
+    out = tmp_path / "trained.safetensors"
+    host_mod.add_shims_if_needed()
+    r = subprocess.run([sys.executable, "-m", "anydressing_train", "--comfyui", str(host.root), "--checkpoint",
+                        str(ckpt), "--data", str(tmp_path / "data"), "--steps", "2", "--rank", "4", "--alpha", "4",
+                        "--out", str(out), "--", "--cpu", "--use-pytorch-cross-attention"],
+                       cwd=host_mod.REPO, capture_output=True, text=True, env=dict(os.environ), timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    c = read_native(str(out))
+    assert c.slots == ["lower", "upper"] and c.metadata["steps"] == "2" and len(c.dressing) == 16
+    assert c.metadata["base_model"] == "train_base.safetensors" and len(c.metadata["base_model_sha256_64mib"]) == 64
+    assert (tmp_path / "trained.safetensors.losses.csv").read_text().count("\n") == 3
+    ckpt.unlink()

@@ -1,0 +1,100 @@
+"""Train AnyDressing weights from an SD1.5 checkpoint file and a data folder; writes the pack's native file.
+
+    python -m anydressing_train --comfyui ~/ComfyUI --checkpoint v1-5-pruned-emaonly.safetensors --data data/ \\
+        --slots upper,lower --steps 100000 --out models/anydressing/my_anydressing.safetensors
+
+Runs in the ComfyUI Python environment (it uses ComfyUI's loaders, UNet, VAE and text encoder). Single process;
+re-running the same command resumes from <out>.state.pt. Extra ComfyUI flags go after "--".
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def file_sha256(path: str, limit: int = 64 * 2**20) -> str:
+    """The first 64 MiB's SHA-256 (enough to tell checkpoints apart, fast on multi-GB files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(limit))
+    return h.hexdigest()
+
+
+def boot(comfyui: Path, flags: list[str]) -> None:
+    sys.path.insert(0, str(comfyui))
+    saved = sys.argv
+    sys.argv = ["main.py"] + flags
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401  (parses the flags before comfy.model_management is imported)
+    finally:
+        sys.argv = saved
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(prog="python -m anydressing_train", description=__doc__.splitlines()[0])
+    ap.add_argument("--comfyui", required=True, help="the ComfyUI folder")
+    ap.add_argument("--checkpoint", required=True, help="an SD1.5-family checkpoint file (.safetensors)")
+    ap.add_argument("--data", required=True, help="the data folder (see anydressing_train.data)")
+    ap.add_argument("--slots", default="upper,lower")
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--alpha", type=float, default=64.0)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lambda-loc", type=float, default=0.01, help="weight of the localization loss (paper: 0.01)")
+    ap.add_argument("--dropout", type=float, default=0.1, help="garment dropout probability")
+    ap.add_argument("--out", required=True, help="the native .safetensors to write")
+    args = ap.parse_args(argv)
+
+    boot(Path(args.comfyui), flags)
+    import torch
+
+    import comfy.model_management as mm
+    import comfy.sd
+
+    sys.path.insert(0, str(REPO))
+    from anydressing_train.data import FolderDataset
+    from anydressing_train.loop import train
+    from anydressing_train.trainer import DressingTrainer
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)
+    mm.load_models_gpu([model])
+    device = model.load_device
+    unet = model.model.diffusion_model.float()
+
+    def encode_image(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.model.process_latent_in(vae.encode(pixels)).to(device)
+
+    cache: dict[str, torch.Tensor] = {}
+
+    def encode_text(caption: str) -> torch.Tensor:
+        if caption not in cache:
+            with torch.no_grad():
+                cache[caption] = clip.encode_from_tokens(clip.tokenize(caption)).float().to(device)
+        return cache[caption]
+
+    trainer = DressingTrainer(unet, args.slots.split(","), rank=args.rank, alpha=args.alpha).to(device)
+    history = train(trainer, FolderDataset(args.data), encode_image, encode_text, steps=args.steps, lr=args.lr,
+                    lambda_loc=args.lambda_loc, dropout=args.dropout, checkpoint=args.out + ".state.pt",
+                    log=args.out + ".losses.csv", progress=True)
+    trainer.save(args.out, {"base_model": Path(args.checkpoint).name,
+                            "base_model_sha256_64mib": file_sha256(args.checkpoint),
+                            "steps": len(history), "lambda_loc": args.lambda_loc})
+    last = history[-1] if history else {}
+    print(f"wrote {args.out} after {len(history)} steps; last losses {last}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
