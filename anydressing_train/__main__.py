@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--lambda-loc", type=float, default=0.01, help="weight of the localization loss (paper: 0.01)")
     ap.add_argument("--dropout", type=float, default=0.1, help="garment dropout probability")
+    ap.add_argument("--perceptual-net", help="VGG16 weights (torchvision layout, .safetensors) for the texture loss")
+    ap.add_argument("--lambda-tex", type=float, default=0.001, help="weight of the texture loss (paper: 0.001)")
+    ap.add_argument("--texture-max-t", type=int, default=350, help="texture loss only for t <= this (paper: 350)")
     ap.add_argument("--out", required=True, help="the native .safetensors to write")
     args = ap.parse_args(argv)
 
@@ -84,10 +87,26 @@ def main(argv=None) -> int:
                 cache[caption] = clip.encode_from_tokens(clip.tokenize(caption)).float().to(device)
         return cache[caption]
 
+    decode, net = None, None
+    if args.lambda_tex > 0:
+        decoder = vae.first_stage_model.to(device).float().requires_grad_(False)  # frozen; gradients flow through it
+
+        def vae_decode(z: torch.Tensor) -> torch.Tensor:  # differentiable VAE decode, to [0, 1]
+            return ((decoder.decode(model.model.process_latent_out(z).float()) + 1) / 2).clamp(0, 1)
+
+        decode = vae_decode
+
+        if args.perceptual_net:
+            from safetensors.torch import load_file
+
+            from anydressing_train.texture import VGGFeatures
+
+            net = VGGFeatures(load_file(args.perceptual_net)).to(device)
     trainer = DressingTrainer(unet, args.slots.split(","), rank=args.rank, alpha=args.alpha).to(device)
     history = train(trainer, FolderDataset(args.data), encode_image, encode_text, steps=args.steps, lr=args.lr,
                     lambda_loc=args.lambda_loc, dropout=args.dropout, checkpoint=args.out + ".state.pt",
-                    log=args.out + ".losses.csv", progress=True)
+                    log=args.out + ".losses.csv", progress=True, decode=decode, texture_net=net,
+                    lambda_tex=args.lambda_tex, texture_max_t=args.texture_max_t)
     trainer.save(args.out, {"base_model": Path(args.checkpoint).name,
                             "base_model_sha256_64mib": file_sha256(args.checkpoint),
                             "steps": len(history), "lambda_loc": args.lambda_loc})

@@ -28,7 +28,9 @@ def batch_for(sample, slots: list[str], encode_image: EncodeImage, encode_text: 
 
 def train(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_text: EncodeText, steps: int,
           lr: float = 5e-5, lambda_loc: float = 0.01, dropout: float = 0.1, seed: int = 0,
-          checkpoint: Optional[str] = None, log: Optional[str] = None, progress: bool = False) -> list[dict]:
+          checkpoint: Optional[str] = None, log: Optional[str] = None, progress: bool = False,
+          decode: Optional[Callable] = None, texture_net=None, lambda_tex: float = 0.001,
+          texture_max_t: int = 350) -> list[dict]:
     """Train for `steps` steps (resuming from `checkpoint` if it exists); returns the per-step losses."""
     params = [p for p in trainer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -52,13 +54,18 @@ def train(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_t
         x0, garments, masks, context = batch_for(sample, slots, encode_image, encode_text)
         t = torch.randint(0, 1000, (1,), generator=gen).to(x0.device)
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-        losses = trainer.losses(x0, context, garments, slots, masks, t, noise)
-        total = losses["diffusion"] + lambda_loc * losses["localization"]
+        texture = None
+        if decode is not None:
+            image = sample.person.permute(2, 0, 1).unsqueeze(0).to(x0.device)
+            texture = {"decode": decode, "net": texture_net, "image": image, "max_t": texture_max_t}
+        losses = trainer.losses(x0, context, garments, slots, masks, t, noise, texture)
+        total = losses["diffusion"] + lambda_loc * losses["localization"] + lambda_tex * losses["texture"]
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
         row = {"step": step + 1, "diffusion": float(losses["diffusion"].detach()),
-               "localization": float(losses["localization"].detach()), "total": float(total.detach())}
+               "localization": float(losses["localization"].detach()),
+               "texture": float(losses["texture"].detach()), "total": float(total.detach())}
         history.append(row)
         if log:
             new = not Path(log).is_file()

@@ -124,11 +124,14 @@ class DressingTrainer(nn.Module):
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def losses(self, x0: torch.Tensor, context: torch.Tensor, garment_latents: torch.Tensor, row_slots: list[str],
-               person_masks: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The diffusion loss and the instance-level localization loss (eq. 7-9) for one sample."""
+               person_masks: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, texture: Optional[dict] = None
+               ) -> dict[str, torch.Tensor]:
+        """The diffusion loss, the instance-level localization loss (eq. 7-9) and, when `texture` is given
+        ({"decode", "net", "image", "max_t"}) and t <= max_t, the garment-enhanced texture loss (eq. 10-13)."""
         features = self.encode(garment_latents, row_slots)
         probe = AttentionProbe(keep_grad=True)
-        eps = self.denoise(self.add_noise(x0, noise, t), t.float(), context, features, probe=probe)
+        x_t = self.add_noise(x0, noise, t)
+        eps = self.denoise(x_t, t.float(), context, features, probe=probe)
         out = {"diffusion": F.mse_loss(eps.float(), noise.float())}
         terms = []
         for branch in probe.order:
@@ -136,6 +139,14 @@ class DressingTrainer(nn.Module):
                 target = resize_to_grid(person_masks, h, w).to(mass.device)
                 terms.append(((mass - target.unsqueeze(1)) ** 2).mean())
         out["localization"] = torch.stack(terms).mean() if terms else x0.new_zeros(())
+        out["texture"] = x0.new_zeros(())
+        if texture is not None and int(t.max()) <= texture.get("max_t", 350):
+            from .texture import texture_loss
+
+            a = self.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+            parts = texture_loss(texture["decode"], x_t, eps.float(), a, texture["image"], person_masks,
+                                 texture.get("net"))
+            out["texture"] = sum(parts.values())
         return out
 
     def save(self, path: str, metadata: dict) -> None:

@@ -97,3 +97,24 @@ def test_garment_dropout_and_slot_order():
     assert all(d for d in draws)  # never empty
     assert any(len(d) < 3 for d in draws) and any(d[0] == "shoes" for d in draws)
     assert augment(s, random.Random(1), 0.0).__len__() == 3
+
+
+def test_texture_loss_joins_for_small_timesteps(setup, tmp_path):
+    """Eq. 10-13: with a decoder and a perceptual network the texture term is part of the loss (t <= max_t)."""
+    import adtest_tiny
+    from anydressing_train.loop import train
+    from anydressing_train.texture import VGGFeatures
+    from test_core_texture import random_vgg16_state_dict
+
+    ds, base, enc_img, enc_txt = setup
+    vae = adtest_tiny.tiny_vae(0)
+
+    def decode(z):  # differentiable: ComfyUI's AutoencoderKL decoder on unscaled latents, to [0, 1]
+        return ((vae.first_stage_model.decode(z / 0.18215) + 1) / 2).clamp(0, 1)
+
+    tr = trainer_for(base)
+    history = train(tr, ds, enc_img, enc_txt, steps=3, lr=1e-3, decode=decode,
+                    texture_net=VGGFeatures(random_vgg16_state_dict()), texture_max_t=1000)
+    assert all(h["texture"] > 0 for h in history)
+    never = train(trainer_for(base), ds, enc_img, enc_txt, steps=2, lr=1e-3, decode=decode, texture_max_t=-1)
+    assert all(h["texture"] == 0 for h in never)

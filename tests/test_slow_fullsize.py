@@ -221,14 +221,20 @@ def test_training_command_on_a_full_size_checkpoint(host, tmp_path):
         write_random_sd15_checkpoint(ckpt)
     make_synthetic(str(tmp_path / "data"), count=2, size=64)
     out = tmp_path / "trained.safetensors"
+    from safetensors.torch import save_file
+    from test_core_texture import random_vgg16_state_dict
+
+    save_file(random_vgg16_state_dict(), str(tmp_path / "vgg16.safetensors"))
     host_mod.add_shims_if_needed()
     r = subprocess.run([sys.executable, "-m", "anydressing_train", "--comfyui", str(host.root), "--checkpoint",
                         str(ckpt), "--data", str(tmp_path / "data"), "--steps", "2", "--rank", "4", "--alpha", "4",
+                        "--perceptual-net", str(tmp_path / "vgg16.safetensors"), "--texture-max-t", "1000",
                         "--out", str(out), "--", "--cpu", "--use-pytorch-cross-attention"],
                        cwd=host_mod.REPO, capture_output=True, text=True, env=dict(os.environ), timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     c = read_native(str(out))
     assert c.slots == ["lower", "upper"] and c.metadata["steps"] == "2" and len(c.dressing) == 16
     assert c.metadata["base_model"] == "train_base.safetensors" and len(c.metadata["base_model_sha256_64mib"]) == 64
-    assert (tmp_path / "trained.safetensors.losses.csv").read_text().count("\n") == 3
+    log = (tmp_path / "trained.safetensors.losses.csv").read_text().splitlines()
+    assert len(log) == 3 and log[0].split(",")[3] == "texture" and all(float(r.split(",")[3]) > 0 for r in log[1:])
     ckpt.unlink()
