@@ -3,8 +3,10 @@
     python -m anydressing_train --comfyui ~/ComfyUI --checkpoint v1-5-pruned-emaonly.safetensors --data data/ \\
         --slots upper,lower --steps 100000 --out models/anydressing/my_anydressing.safetensors
 
-Runs in the ComfyUI Python environment (it uses ComfyUI's loaders, UNet, VAE and text encoder). Single process;
-re-running the same command resumes from <out>.state.pt. Extra ComfyUI flags go after "--".
+Runs in the ComfyUI Python environment (it uses ComfyUI's loaders, UNet, VAE and text encoder). On several GPUs or
+nodes, start it with accelerate (the training extra): `accelerate launch --multi_gpu --num_processes 8 -m
+anydressing_train ...`. Re-running the same command resumes from <out>.state.pt (written every --save-every steps).
+Extra ComfyUI flags go after "--".
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from anydressing_train.engine import MIXED_PRECISION  # noqa: E402  (plain torch; ComfyUI is booted later)
 
 
 def file_sha256(path: str, limit: int = 64 * 2**20) -> str:
@@ -56,6 +61,17 @@ def main(argv=None) -> int:
     ap.add_argument("--perceptual-net", help="VGG16 weights (torchvision layout, .safetensors) for the texture loss")
     ap.add_argument("--lambda-tex", type=float, default=0.001, help="weight of the texture loss (paper: 0.001)")
     ap.add_argument("--texture-max-t", type=int, default=350, help="texture loss only for t <= this (paper: 350)")
+    ap.add_argument("--finetune-garments-net", action="store_true",
+                    help="also train the whole GarmentsNet (a copy of the UNet; the file then holds its weights)")
+    ap.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no",
+                    help="bf16 or fp16 autocast, frozen UNet weights stored in that dtype (fp16 needs a GPU)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute block activations in the backward pass: less memory, about a third more time")
+    ap.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                    help="samples per process per optimizer step (the batch is this x the number of processes)")
+    ap.add_argument("--max-grad-norm", type=float, default=0.0, help="clip gradients to this norm (0: off)")
+    ap.add_argument("--save-every", type=int, default=500, help="write the resumable state every N steps")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="the native .safetensors to write")
     args = ap.parse_args(argv)
 
@@ -65,15 +81,21 @@ def main(argv=None) -> int:
     import comfy.model_management as mm
     import comfy.sd
 
-    sys.path.insert(0, str(REPO))
     from anydressing_train.data import FolderDataset
+    from anydressing_train.engine import half_dtype, make_engine
     from anydressing_train.loop import train
     from anydressing_train.trainer import DressingTrainer
 
+    # the engine first: under a multi-process launch it picks this process's GPU before ComfyUI loads anything
+    cpu = mm.get_torch_device().type == "cpu"
+    engine = make_engine(args.mixed_precision, device=mm.get_torch_device(), cpu=cpu,
+                         gradient_accumulation_steps=args.gradient_accumulation_steps)
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)
     mm.load_models_gpu([model])
-    device = model.load_device
-    unet = model.model.diffusion_model.float()
+    device = engine.device
+    unet = model.model.diffusion_model.to(device).float()
+    if half_dtype(args.mixed_precision) is not None:  # frozen weights in half precision; trained ones stay fp32
+        unet = unet.to(half_dtype(args.mixed_precision))
 
     def encode_image(pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -102,16 +124,23 @@ def main(argv=None) -> int:
             from anydressing_train.texture import VGGFeatures
 
             net = VGGFeatures(load_file(args.perceptual_net)).to(device)
-    trainer = DressingTrainer(unet, args.slots.split(","), rank=args.rank, alpha=args.alpha).to(device)
+    trainer = DressingTrainer(unet, args.slots.split(","), rank=args.rank, alpha=args.alpha,
+                              finetune_garments_net=args.finetune_garments_net,
+                              gradient_checkpointing=args.gradient_checkpointing).to(device)
     history = train(trainer, FolderDataset(args.data), encode_image, encode_text, steps=args.steps, lr=args.lr,
-                    lambda_loc=args.lambda_loc, dropout=args.dropout, checkpoint=args.out + ".state.pt",
-                    log=args.out + ".losses.csv", progress=True, decode=decode, texture_net=net,
-                    lambda_tex=args.lambda_tex, texture_max_t=args.texture_max_t)
-    trainer.save(args.out, {"base_model": Path(args.checkpoint).name,
-                            "base_model_sha256_64mib": file_sha256(args.checkpoint),
-                            "steps": len(history), "lambda_loc": args.lambda_loc})
-    last = history[-1] if history else {}
-    print(f"wrote {args.out} after {len(history)} steps; last losses {last}", flush=True)
+                    lambda_loc=args.lambda_loc, dropout=args.dropout, seed=args.seed,
+                    checkpoint=args.out + ".state.pt", log=args.out + ".losses.csv", progress=True, decode=decode,
+                    texture_net=net, lambda_tex=args.lambda_tex, texture_max_t=args.texture_max_t, engine=engine,
+                    save_every=args.save_every, max_grad_norm=args.max_grad_norm)
+    if engine.is_main_process:
+        trainer.save(args.out, {"base_model": Path(args.checkpoint).name,
+                                "base_model_sha256_64mib": file_sha256(args.checkpoint),
+                                "steps": len(history), "lambda_loc": args.lambda_loc,
+                                "mixed_precision": args.mixed_precision, "processes": engine.num_processes,
+                                "batch": engine.num_processes * engine.gradient_accumulation_steps})
+        last = history[-1] if history else {}
+        print(f"wrote {args.out} after {len(history)} steps; last losses {last}", flush=True)
+    engine.wait_for_everyone()
     return 0
 
 

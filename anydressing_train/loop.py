@@ -1,9 +1,11 @@
-"""The training loop: diffusion loss + lambda1 x localization loss, AdamW, resumable, logged."""
+"""The training loop: diffusion + lambda1 x localization + lambda2 x texture loss, AdamW, on one process or many
+(see engine.py), with gradient accumulation, resumable checkpoints and a CSV loss log."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,6 +15,7 @@ import torch
 from anydressing_core.masks import resize_to_grid
 
 from .data import augment
+from .engine import LocalEngine
 from .trainer import DressingTrainer
 
 EncodeImage = Callable[[torch.Tensor], torch.Tensor]  # [B, H, W, 3] in [0, 1] -> scaled latents [B, 4, h, w]
@@ -30,8 +33,14 @@ def train(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_t
           lr: float = 5e-5, lambda_loc: float = 0.01, dropout: float = 0.1, seed: int = 0,
           checkpoint: Optional[str] = None, log: Optional[str] = None, progress: bool = False,
           decode: Optional[Callable] = None, texture_net=None, lambda_tex: float = 0.001,
-          texture_max_t: int = 350) -> list[dict]:
-    """Train for `steps` steps (resuming from `checkpoint` if it exists); returns the per-step losses."""
+          texture_max_t: int = 350, engine: Optional[LocalEngine] = None, save_every: int = 0,
+          max_grad_norm: float = 0.0) -> list[dict]:
+    """Train for `steps` optimizer steps (resuming from `checkpoint` if it exists); returns the per-step losses.
+
+    One step is engine.gradient_accumulation_steps samples on each of engine.num_processes processes; the logged
+    losses are their mean. The checkpoint is written every `save_every` steps (0: only at the end), atomically,
+    by the main process."""
+    engine = engine or LocalEngine()
     params = [p for p in trainer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     start, history = 0, []
@@ -41,43 +50,70 @@ def train(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_t
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
         history = json.loads(state["history"])
-    rng = random.Random(seed + start)
-    gen = torch.Generator().manual_seed(seed + start)
+    model, opt = engine.prepare(trainer, opt)
+    # each process draws its own samples; a resumed run draws new ones rather than repeating the first steps
+    stream = seed + 1_000_003 * start + 7919 * engine.process_index
+    rng = random.Random(stream)
+    gen = torch.Generator().manual_seed(stream)
     steps_iter = range(start, steps)
-    if progress:
+    if progress and engine.is_main_process:
         from tqdm import tqdm
 
         steps_iter = tqdm(steps_iter, initial=start, total=steps, desc="training", unit="step")
     for step in steps_iter:
-        sample = dataset[rng.randrange(len(dataset))]
-        slots = augment(sample, rng, dropout)
-        x0, garments, masks, context = batch_for(sample, slots, encode_image, encode_text)
-        t = torch.randint(0, 1000, (1,), generator=gen).to(x0.device)
-        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-        texture = None
-        if decode is not None:
-            image = sample.person.permute(2, 0, 1).unsqueeze(0).to(x0.device)
-            texture = {"decode": decode, "net": texture_net, "image": image, "max_t": texture_max_t}
-        losses = trainer.losses(x0, context, garments, slots, masks, t, noise, texture)
-        total = losses["diffusion"] + lambda_loc * losses["localization"] + lambda_tex * losses["texture"]
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        row = {"step": step + 1, "diffusion": float(losses["diffusion"].detach()),
-               "localization": float(losses["localization"].detach()),
-               "texture": float(losses["texture"].detach()), "total": float(total.detach())}
+        sums = dict.fromkeys(LOSS_NAMES, 0.0)
+        for _ in range(engine.gradient_accumulation_steps):
+            sample = dataset[rng.randrange(len(dataset))]
+            slots = augment(sample, rng, dropout)
+            x0, garments, masks, context = batch_for(sample, slots, encode_image, encode_text)
+            t = torch.randint(0, 1000, (1,), generator=gen).to(x0.device)
+            noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+            texture = None
+            if decode is not None:
+                image = sample.person.permute(2, 0, 1).unsqueeze(0).to(x0.device)
+                texture = {"decode": decode, "net": texture_net, "image": image, "max_t": texture_max_t}
+            with engine.accumulate(model):
+                with engine.autocast():
+                    losses = model(x0, context, garments, slots, masks, t, noise, texture)
+                losses = {k: v.float() for k, v in losses.items()}
+                losses["total"] = (losses["diffusion"] + lambda_loc * losses["localization"] +
+                                   lambda_tex * losses["texture"])
+                engine.backward(losses["total"])
+                if max_grad_norm > 0 and engine.sync_gradients:
+                    engine.clip_grad_norm_(params, max_grad_norm)
+                engine.step(opt)
+            for k in LOSS_NAMES:
+                sums[k] += float(engine.reduce_mean(losses[k].detach()))
+        row = {"step": step + 1, **{k: sums[k] / engine.gradient_accumulation_steps for k in LOSS_NAMES}}
         history.append(row)
-        if log:
+        if log and engine.is_main_process:
             new = not Path(log).is_file()
             with open(log, "a", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=list(row))
                 if new:
                     w.writeheader()
                 w.writerow(row)
+        if checkpoint and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            save_checkpoint(engine, trainer, opt, step + 1, history, checkpoint)
     if checkpoint:
-        torch.save({"trainer": {k: v for k, v in trainer.state_dict().items() if not k.startswith("unet.")},
-                    "optimizer": opt.state_dict(), "step": steps, "history": json.dumps(history)}, checkpoint)
+        save_checkpoint(engine, trainer, opt, steps, history, checkpoint)
     return history
+
+
+LOSS_NAMES = ("diffusion", "localization", "texture", "total")
+
+
+def save_checkpoint(engine: LocalEngine, trainer: DressingTrainer, opt, step: int, history: list[dict],
+                    path: str) -> None:
+    """The trainable weights, the optimizer and the history, written to a temporary file and renamed, so an
+    interruption while saving leaves the previous checkpoint intact."""
+    engine.wait_for_everyone()
+    if engine.is_main_process:
+        tmp = f"{path}.tmp"
+        torch.save({"trainer": trainer.trainable_state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "history": json.dumps(history)}, tmp)
+        os.replace(tmp, path)
+    engine.wait_for_everyone()
 
 
 @torch.no_grad()

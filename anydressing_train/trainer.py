@@ -1,13 +1,15 @@
 """The trainable parts of AnyDressing around a frozen SD1.5 UNet (paper §4, §5.1).
 
 Trained: per-slot LoRA on GarmentsNet's self-attention q/k/v (the Garment-Specific Feature Extractor) and the
-Dressing-Attention projections W_k'/W_v' (initialised from W_k/W_v). Frozen: the denoising UNet (DressingNet) and
-GarmentsNet's base weights (the same UNet, as in the pack's training-free mode). The forward pass uses the pack's own
+Dressing-Attention projections W_k'/W_v' (initialised from W_k/W_v); optionally the whole GarmentsNet (a copy of the
+UNet). Frozen: the denoising UNet (DressingNet) and, by default, GarmentsNet's base weights (the same UNet, as in the
+pack's training-free mode). The forward pass uses the pack's own
 hooks and attention code, so a trained file gives the node pack the same features as training did.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Optional
 
@@ -19,16 +21,16 @@ from anydressing_core.attention import sdpa_attention
 from anydressing_core.branch import PROBE_KEY, AttentionProbe, DressingAttentionReplace, DressingBranch, DressingLayer
 from anydressing_core.encoder import GarmentEncodeHooks, zero_cross_attention_output, zero_cross_attention_replace
 from anydressing_core.layers import LayerKey, is_layer_path, key_from_path, path_from_key, sort_keys
-
-
-def format_key(key: LayerKey) -> str:
-    """A parameter-safe layer name: input_1_0."""
-    return f"{key[0]}_{key[1]}_{key[2]}"
 from anydressing_core.lora import LoRA
 from anydressing_core.masks import resize_to_grid
 from anydressing_core.native_format import write_native
 
 SelfAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+def format_key(key: LayerKey) -> str:
+    """A parameter-safe layer name: input_1_0."""
+    return f"{key[0]}_{key[1]}_{key[2]}"
 
 
 def self_attention_blocks(unet: nn.Module) -> dict[LayerKey, nn.Module]:
@@ -46,11 +48,24 @@ def ddpm_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
+def checkpointed_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's residual and transformer blocks: the units whose activations gradient checkpointing recomputes."""
+    return [m for m in unet.modules()
+            if (hasattr(m, "attn1") and hasattr(m, "norm1")) or
+            (hasattr(m, "in_layers") and hasattr(m, "out_layers") and hasattr(m, "emb_layers"))]
+
+
 class DressingTrainer(nn.Module):
+    """The trainable AnyDressing parts around a frozen UNet. Calling it returns the losses of one sample, so that a
+    DistributedDataParallel wrapper (accelerate) sees a forward() and synchronises the gradients."""
+
     def __init__(self, unet: nn.Module, slots: list[str], rank: int = 8, alpha: float = 8.0,
-                 self_attention: Optional[SelfAttention] = None, strength: float = 1.0):
+                 self_attention: Optional[SelfAttention] = None, strength: float = 1.0,
+                 finetune_garments_net: bool = False, gradient_checkpointing: bool = False):
         super().__init__()
         self.unet = unet.requires_grad_(False)
+        # paper §5.1 may mean the whole GarmentsNet is trained: then it is a float32 copy of the UNet, trained too
+        self.garments_net = copy.deepcopy(unet).float().requires_grad_(True) if finetune_garments_net else None
         self.slots = list(slots)
         self.rank, self.alpha, self.strength = rank, float(alpha), strength
         self.blocks = self_attention_blocks(unet)
@@ -73,6 +88,20 @@ class DressingTrainer(nn.Module):
                         torch.randn(rank, c, generator=g) / math.sqrt(c))
                     self.lora[f"{slot}__{name}__{proj}__up"] = nn.Parameter(torch.zeros(c, rank))
         self.register_buffer("alphas_cumprod", ddpm_alphas_cumprod(), persistent=False)
+        if gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each residual and transformer block's activations in the backward pass instead of keeping them
+        (PyTorch's hook-based activation checkpointing; the modules' code and parameter names are unchanged)."""
+        from torch.distributed._composable import checkpoint
+
+        for net in filter(None, (self.unet, self.garments_net)):
+            for block in checkpointed_blocks(net):
+                # the recomputation must see the layer's own transformer_options (its "block" and "block_index"),
+                # not the values the shared dict holds by the time backward runs: snapshot them first
+                block.register_forward_pre_hook(_snapshot_transformer_options, with_kwargs=True)
+                checkpoint(block)
 
     def slot_loras(self) -> dict:
         out: dict = {}
@@ -92,8 +121,10 @@ class DressingTrainer(nn.Module):
         to = {"patches": {"attn1_patch": [hooks.capture], "attn2_output_patch": [zero_cross_attention_output]},
               "patches_replace": {"attn1": {k: hooks.gfe_replace for k in self.blocks},
                                   "attn2": {k: zero_cross_attention_replace for k in self.blocks}}}
+        net = self.garments_net if self.garments_net is not None else self.unet
+        garment_latents = garment_latents.to(_dtype_of(net))  # ComfyUI's UNet runs in its weights' dtype
         context = garment_latents.new_zeros((n, 1, self.context_dim))
-        self.unet(garment_latents, timesteps=torch.zeros(n, device=garment_latents.device), context=context,
+        net(garment_latents, timesteps=torch.zeros(n, device=garment_latents.device), context=context,
                   transformer_options=to)
         return {k: hooks.captured[k] for k in self.blocks}
 
@@ -117,7 +148,8 @@ class DressingTrainer(nn.Module):
         to = {"patches_replace": {"attn1": replaces}}
         if probe is not None:
             to[PROBE_KEY] = probe
-        return self.unet(x_t, timesteps=t, context=context, transformer_options=to)
+        dtype = _dtype_of(self.unet)
+        return self.unet(x_t.to(dtype), timesteps=t, context=context.to(dtype), transformer_options=to)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
@@ -149,6 +181,15 @@ class DressingTrainer(nn.Module):
             out["texture"] = sum(parts.values())
         return out
 
+    def forward(self, x0: torch.Tensor, context: torch.Tensor, garment_latents: torch.Tensor, row_slots: list[str],
+                person_masks: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, texture: Optional[dict] = None
+                ) -> dict[str, torch.Tensor]:
+        return self.losses(x0, context, garment_latents, row_slots, person_masks, t, noise, texture)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a training checkpoint keeps: everything but the frozen UNet."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("unet.")}
+
     def save(self, path: str, metadata: dict) -> None:
         loras = {}
         scale_alpha = self.alpha
@@ -161,11 +202,26 @@ class DressingTrainer(nn.Module):
                     for proj in "qkv"}
         dressing = {path_from_key(k): (self.w_k[format_key(k)].detach().cpu().float(),
                                        self.w_v[format_key(k)].detach().cpu().float()) for k in self.blocks}
-        meta = {"lora_rank": str(self.rank), "lora_alpha": str(self.alpha)}
+        meta = {"lora_rank": str(self.rank), "lora_alpha": str(self.alpha),
+                "garments_net": "fine-tuned" if self.garments_net is not None else "base"}
         meta.update({k: str(v) for k, v in metadata.items()})
-        write_native(path, loras=loras, dressing=dressing, extra_metadata=meta)
-
+        unet = None
+        if self.garments_net is not None:  # group (a), ldm naming; the loader uses it instead of the MODEL's UNet
+            unet = {k: v.detach().cpu().float() for k, v in self.garments_net.state_dict().items()}
+        write_native(path, unet=unet, loras=loras, dressing=dressing, extra_metadata=meta)
 
 
 def _sdpa_self_attention(q, k, v, extra):
     return sdpa_attention(q, k, v, extra["n_heads"])
+
+
+def _dtype_of(net: nn.Module) -> torch.dtype:
+    return next(net.parameters()).dtype
+
+
+def _snapshot_transformer_options(module: nn.Module, args: tuple, kwargs: dict):
+    if isinstance(kwargs.get("transformer_options"), dict):
+        return args, {**kwargs, "transformer_options": dict(kwargs["transformer_options"])}
+    if len(args) >= 3 and isinstance(args[2], dict):
+        return (*args[:2], dict(args[2]), *args[3:]), kwargs
+    return None

@@ -57,6 +57,6 @@ def test_texture_loss_backpropagates_to_the_noise_prediction():
     x_t = torch.randn(1, 4, 4, 4)
     eps = torch.randn(1, 4, 4, 4, requires_grad=True)
     out = texture_loss(decode, x_t, eps, torch.tensor(0.9), target, masks, net)
-    assert set(out) == {"perceptual", "highfreq"} and all(float(v) > 0 for v in out.values())
+    assert set(out) == {"perceptual", "highfreq"} and all(float(v.detach()) > 0 for v in out.values())
     (out["perceptual"] + out["highfreq"]).backward()
     assert eps.grad is not None and float(eps.grad.abs().sum()) > 0

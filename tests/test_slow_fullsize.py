@@ -229,12 +229,15 @@ def test_training_command_on_a_full_size_checkpoint(host, tmp_path):
     r = subprocess.run([sys.executable, "-m", "anydressing_train", "--comfyui", str(host.root), "--checkpoint",
                         str(ckpt), "--data", str(tmp_path / "data"), "--steps", "2", "--rank", "4", "--alpha", "4",
                         "--perceptual-net", str(tmp_path / "vgg16.safetensors"), "--texture-max-t", "1000",
+                        "--mixed-precision", "bf16", "--gradient-checkpointing", "--save-every", "1",
                         "--out", str(out), "--", "--cpu", "--use-pytorch-cross-attention"],
                        cwd=host_mod.REPO, capture_output=True, text=True, env=dict(os.environ), timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     c = read_native(str(out))
     assert c.slots == ["lower", "upper"] and c.metadata["steps"] == "2" and len(c.dressing) == 16
     assert c.metadata["base_model"] == "train_base.safetensors" and len(c.metadata["base_model_sha256_64mib"]) == 64
+    assert c.metadata["mixed_precision"] == "bf16" and c.metadata["processes"] == "1"
+    assert all(w.dtype == torch.float32 for d in c.dressing.values() for w in d.values())  # trained weights: fp32
     log = (tmp_path / "trained.safetensors.losses.csv").read_text().splitlines()
     assert len(log) == 3 and log[0].split(",")[3] == "texture" and all(float(r.split(",")[3]) > 0 for r in log[1:])
     ckpt.unlink()
