@@ -82,8 +82,9 @@ def train(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_t
                 if max_grad_norm > 0 and engine.sync_gradients:
                     engine.clip_grad_norm_(params, max_grad_norm)
                 engine.step(opt)
-            for k in LOSS_NAMES:
-                sums[k] += float(engine.reduce_mean(losses[k].detach()))
+            means = engine.reduce_mean(torch.stack([losses[k].detach() for k in LOSS_NAMES])).tolist()
+            for k, v in zip(LOSS_NAMES, means):  # one collective per sample, not one per loss
+                sums[k] += v
         row = {"step": step + 1, **{k: sums[k] / engine.gradient_accumulation_steps for k in LOSS_NAMES}}
         history.append(row)
         if log and engine.is_main_process:
