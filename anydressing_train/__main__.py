@@ -78,18 +78,23 @@ def main(argv=None) -> int:
     boot(Path(args.comfyui), flags)
     import torch
 
-    import comfy.model_management as mm
-    import comfy.sd
-
     from anydressing_train.data import FolderDataset
-    from anydressing_train.engine import half_dtype, make_engine
+    from anydressing_train.engine import accelerate_available, half_dtype, make_engine
     from anydressing_train.loop import train
     from anydressing_train.trainer import DressingTrainer
 
-    # the engine first: under a multi-process launch it picks this process's GPU before ComfyUI loads anything
-    cpu = mm.get_torch_device().type == "cpu"
-    engine = make_engine(args.mixed_precision, device=mm.get_torch_device(), cpu=cpu,
-                         gradient_accumulation_steps=args.gradient_accumulation_steps)
+    # accelerate first: under a multi-process launch it selects this process's GPU before ComfyUI's model management
+    # is imported and looks at devices (otherwise every process would start on GPU 0)
+    accumulation = args.gradient_accumulation_steps
+    engine = None
+    if accelerate_available():
+        engine = make_engine(args.mixed_precision, cpu="--cpu" in flags, gradient_accumulation_steps=accumulation)
+    import comfy.model_management as mm
+    import comfy.sd
+
+    if engine is None:
+        engine = make_engine(args.mixed_precision, device=mm.get_torch_device(), use_accelerate=False,
+                             gradient_accumulation_steps=accumulation)
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)
     mm.load_models_gpu([model])
     device = engine.device

@@ -160,6 +160,10 @@ class AccelerateEngine(LocalEngine):
         self.accelerator.wait_for_everyone()
 
 
+def accelerate_available() -> bool:
+    return importlib.util.find_spec("accelerate") is not None
+
+
 def launched_processes() -> int:
     """How many processes a launcher (accelerate launch, torchrun) started, from the environment."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -169,7 +173,7 @@ def make_engine(mixed_precision: str = "no", device: Optional[torch.device] = No
                 gradient_accumulation_steps: int = 1, use_accelerate: Optional[bool] = None) -> LocalEngine:
     """accelerate when it is installed (always under a multi-process launch), else the single-process engine."""
     _check_mode(mixed_precision)
-    available = importlib.util.find_spec("accelerate") is not None
+    available = accelerate_available()
     if use_accelerate is None:
         use_accelerate = available
     if launched_processes() > 1 and not available:
