@@ -241,3 +241,37 @@ def test_training_command_on_a_full_size_checkpoint(host, tmp_path):
     log = (tmp_path / "trained.safetensors.losses.csv").read_text().splitlines()
     assert len(log) == 3 and log[0].split(",")[3] == "texture" and all(float(r.split(",")[3]) > 0 for r in log[1:])
     ckpt.unlink()
+
+
+def test_training_command_under_accelerate_launch_with_two_processes(host, tmp_path):
+    """accelerate launch -m anydressing_train: two processes (gloo on this CPU machine), one file written, by rank 0."""
+    import os
+    import subprocess
+    import sys
+
+    import host as host_mod
+    from anydressing_core.native_format import read_native
+    from anydressing_train.data import make_synthetic
+
+    pytest.importorskip("accelerate")
+    ckpt = host.models_dir / "checkpoints" / "train_base.safetensors"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    if not ckpt.is_file():
+        write_random_sd15_checkpoint(ckpt)
+    make_synthetic(str(tmp_path / "data"), count=4, size=64)
+    out = tmp_path / "ddp.safetensors"
+    host_mod.add_shims_if_needed()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                        "anydressing_train", "--comfyui", str(host.root), "--checkpoint", str(ckpt), "--data",
+                        str(tmp_path / "data"), "--steps", "2", "--rank", "4", "--alpha", "4", "--lambda-tex", "0",
+                        "--gradient-accumulation-steps", "2", "--out", str(out), "--", "--cpu",
+                        "--use-pytorch-cross-attention"],
+                       cwd=host_mod.REPO, capture_output=True, text=True, env=env, timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 1  # only the main process saves
+    c = read_native(str(out))
+    assert c.metadata["processes"] == "2" and c.metadata["batch"] == "4" and c.metadata["steps"] == "2"
+    assert (tmp_path / "ddp.safetensors.losses.csv").read_text().count("\n") == 3
+    ckpt.unlink()
