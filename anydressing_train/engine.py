@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+SHARDED = ("DEEPSPEED", "FSDP", "MEGATRON_LM")  # accelerate's distributed types that shard or rewrite the model
 
 
 def half_dtype(mixed_precision: str) -> Optional[torch.dtype]:
@@ -27,6 +28,15 @@ def half_dtype(mixed_precision: str) -> Optional[torch.dtype]:
 def _check_mode(mixed_precision: str) -> None:
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"mixed precision must be one of {', '.join(MIXED_PRECISION)}, not {mixed_precision!r}")
+
+
+def check_distributed_type(kind: str) -> None:
+    """Refuse accelerate setups that shard or rewrite the model: the loop saves and resumes plain state dicts."""
+    if kind in SHARDED:
+        raise RuntimeError(f"[AnyDressing] training: accelerate is configured for {kind}, which this trainer does "
+                           f"not support (it trains small LoRA and W' weights next to a frozen UNet that fits on "
+                           f"every GPU); launch with DDP instead: accelerate launch --multi_gpu ... (or run "
+                           f"`accelerate config` and pick multi-GPU without DeepSpeed or FSDP)")
 
 
 class LocalEngine:
@@ -110,6 +120,8 @@ class AccelerateEngine(LocalEngine):
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu,
                                        gradient_accumulation_steps=max(1, int(gradient_accumulation_steps)),
                                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        check_distributed_type(str(getattr(self.accelerator.distributed_type, "value",
+                                           self.accelerator.distributed_type)))
         self.mixed_precision = mixed_precision
         self.gradient_accumulation_steps = self.accelerator.gradient_accumulation_steps
         self.device = self.accelerator.device
