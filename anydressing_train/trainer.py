@@ -3,8 +3,8 @@
 Trained: per-slot LoRA on GarmentsNet's self-attention q/k/v (the Garment-Specific Feature Extractor) and the
 Dressing-Attention projections W_k'/W_v' (initialised from W_k/W_v); optionally the whole GarmentsNet (a copy of the
 UNet). Frozen: the denoising UNet (DressingNet) and, by default, GarmentsNet's base weights (the same UNet, as in the
-pack's training-free mode). The forward pass uses the pack's own
-hooks and attention code, so a trained file gives the node pack the same features as training did.
+pack's training-free mode). The forward pass uses the pack's own hooks and attention code, so a trained file gives
+the node pack the same features as training did.
 """
 
 from __future__ import annotations
@@ -155,11 +155,11 @@ class DressingTrainer(nn.Module):
         a = self.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def losses(self, x0: torch.Tensor, context: torch.Tensor, garment_latents: torch.Tensor, row_slots: list[str],
-               person_masks: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, texture: Optional[dict] = None
-               ) -> dict[str, torch.Tensor]:
-        """The diffusion loss, the instance-level localization loss (eq. 7-9) and, when `texture` is given
-        ({"decode", "net", "image", "max_t"}) and t <= max_t, the garment-enhanced texture loss (eq. 10-13)."""
+    def forward(self, x0: torch.Tensor, context: torch.Tensor, garment_latents: torch.Tensor, row_slots: list[str],
+                person_masks: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, texture: Optional[dict] = None
+                ) -> dict[str, torch.Tensor]:
+        """The losses of one sample: the diffusion loss, the instance-level localization loss (eq. 7-9) and, when
+        `texture` is given ({"decode", "net", "image", "max_t"}) and t <= max_t, the texture loss (eq. 10-13)."""
         features = self.encode(garment_latents, row_slots)
         probe = AttentionProbe(keep_grad=True)
         x_t = self.add_noise(x0, noise, t)
@@ -180,11 +180,6 @@ class DressingTrainer(nn.Module):
                                  texture.get("net"))
             out["texture"] = sum(parts.values())
         return out
-
-    def forward(self, x0: torch.Tensor, context: torch.Tensor, garment_latents: torch.Tensor, row_slots: list[str],
-                person_masks: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, texture: Optional[dict] = None
-                ) -> dict[str, torch.Tensor]:
-        return self.losses(x0, context, garment_latents, row_slots, person_masks, t, noise, texture)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a training checkpoint keeps: everything but the frozen UNet."""
