@@ -205,6 +205,18 @@ def test_feature_bank_of_one_garment_at_768x576_fits_40_mb(host, full_unet):
     (d / "bank.safetensors").unlink()
 
 
+def training_inputs(host, tmp_path, samples: int) -> Path:
+    """A random full-size SD1.5 checkpoint in the host's models/checkpoints and a synthetic data folder."""
+    from anydressing_train.data import make_synthetic
+
+    ckpt = host.models_dir / "checkpoints" / "train_base.safetensors"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    if not ckpt.is_file():
+        write_random_sd15_checkpoint(ckpt)
+    make_synthetic(str(tmp_path / "data"), count=samples, size=64)
+    return ckpt
+
+
 def test_training_command_on_a_full_size_checkpoint(host, tmp_path):
     """python -m anydressing_train: a real SD1.5-shaped checkpoint through ComfyUI's loader, two steps, native file."""
     import os
@@ -213,13 +225,8 @@ def test_training_command_on_a_full_size_checkpoint(host, tmp_path):
 
     import host as host_mod
     from anydressing_core.native_format import read_native
-    from anydressing_train.data import make_synthetic
 
-    ckpt = host.models_dir / "checkpoints" / "train_base.safetensors"
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    if not ckpt.is_file():
-        write_random_sd15_checkpoint(ckpt)
-    make_synthetic(str(tmp_path / "data"), count=2, size=64)
+    ckpt = training_inputs(host, tmp_path, samples=2)
     out = tmp_path / "trained.safetensors"
     from safetensors.torch import save_file
     from test_core_texture import random_vgg16_state_dict
@@ -251,14 +258,9 @@ def test_training_command_under_accelerate_launch_with_two_processes(host, tmp_p
 
     import host as host_mod
     from anydressing_core.native_format import read_native
-    from anydressing_train.data import make_synthetic
 
     pytest.importorskip("accelerate")
-    ckpt = host.models_dir / "checkpoints" / "train_base.safetensors"
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    if not ckpt.is_file():
-        write_random_sd15_checkpoint(ckpt)
-    make_synthetic(str(tmp_path / "data"), count=4, size=64)
+    ckpt = training_inputs(host, tmp_path, samples=4)
     out = tmp_path / "ddp.safetensors"
     host_mod.add_shims_if_needed()
     env = dict(os.environ, OMP_NUM_THREADS="1")
