@@ -63,9 +63,6 @@ class LocalEngine:
         self._optimizers += [o for o in objects if isinstance(o, torch.optim.Optimizer)]
         return objects if len(objects) > 1 else objects[0]
 
-    def unwrap_model(self, model):
-        return model
-
     def autocast(self):
         dtype = half_dtype(self.mixed_precision)
         if dtype is None:
@@ -145,9 +142,6 @@ class AccelerateEngine(LocalEngine):
 
     def prepare(self, *objects):
         return self.accelerator.prepare(*objects)
-
-    def unwrap_model(self, model):
-        return self.accelerator.unwrap_model(model)
 
     def autocast(self):
         return self.accelerator.autocast()

@@ -252,8 +252,6 @@ def test_an_interrupted_run_resumes_from_its_last_periodic_checkpoint(setup, tmp
 
 
 def test_finetuned_garments_net_is_saved_and_gives_the_pack_the_training_time_features(host, setup):
-    import copy
-
     from anydressing_core.native_format import read_native
     from anydressing_train.trainer import DressingTrainer
 
