@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peak_memory  # noqa: E402
 
 
 def boot(comfyui: Path, cpu: bool, flags: list[str] = ()):
@@ -77,6 +79,8 @@ def sd15_model(channels: int, dtype, seed: int = 0):
 
 
 class Meter:
+    """Synchronised timing and per-case peak memory (bench/peak_memory.py) on the benchmark's device."""
+
     def __init__(self, device):
         import torch
 
@@ -87,15 +91,10 @@ class Meter:
             self.torch.cuda.synchronize()
 
     def reset(self):
-        if self.device.type == "cuda":
-            self.torch.cuda.reset_peak_memory_stats()
+        peak_memory.reset(self.device)
 
     def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            return self.torch.cuda.max_memory_allocated() / 2**20
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
+        return peak_memory.peak_mib(self.device)
 
 
 def main(argv=None) -> int:
@@ -162,8 +161,8 @@ def main(argv=None) -> int:
                 masked = mods["apply"].apply(model, feats, 0.7, "", 0.0, 1.0, "auto", masks)
                 sample(model, 1), sample(dressed, 1), sample(masked, 1)  # warm-up and loads
                 r_d, r_m, r_mu, plain_t = [], [], [], []
-                meter.reset()
-                for _ in range(args.repeats):
+                for _ in range(args.repeats):  # each peak is its own run's: reset right before it
+                    meter.reset()
                     tp = sample(model)
                     peak_plain = meter.peak_mb()
                     meter.reset()

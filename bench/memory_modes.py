@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dressing_bench  # noqa: E402
+import peak_memory  # noqa: E402
 
 
 def compare(paths: list[str]) -> int:
@@ -42,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--garments", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--plain", action="store_true", help="sample the unpatched model (the reference peak)")
     args = ap.parse_args(argv)
     if args.compare:
         return compare(args.compare)
@@ -59,20 +61,22 @@ def main(argv=None) -> int:
     feats = mods["encode"].encode(gnet, torch.randn(args.garments, 4, h // 8, w // 8, generator=g),
                                   ["upper"] * args.garments)
     mm.unload_all_models()  # GarmentsNet offloaded between encode and sampling, as between runs
-    dressed = mods["apply"].apply(model, feats, 0.7, "", 0.0, 1.0, "auto", None)
+    dressed = model if args.plain else mods["apply"].apply(model, feats, 0.7, "", 0.0, 1.0, "auto", None)
     latent = torch.zeros(1, 4, h // 8, w // 8)
     cond = [[torch.randn(1, 77, 768, generator=g), {}]]
     neg = [[torch.randn(1, 77, 768, generator=g), {}]]
     noise = torch.randn(latent.shape, generator=g)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    device = mm.get_torch_device()
+    peak_memory.reset(device)
     t = time.perf_counter()
     out = comfy.sample.sample(dressed, noise, args.steps, 6.0, "euler", "normal", cond, neg, latent, denoise=1.0,
                               disable_pbar=True, seed=0)
     elapsed = time.perf_counter() - t
-    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
-    print(f"mode {' '.join(flags) or 'default'}: {args.size}, {args.garments} garments, {args.steps} steps in "
-          f"{elapsed:.2f} s, peak allocated {peak:.0f} MiB, vram state {mm.vram_state.name}", flush=True)
+    peak = peak_memory.peak_mib(device)
+    what = "plain (no garments)" if args.plain else f"{args.garments} garments"
+    print(f"mode {' '.join(flags) or 'default'}: {args.size}, {what}, {args.steps} steps in "
+          f"{elapsed:.2f} s, peak {peak_memory.kind(device)} {peak:.0f} MiB, vram state {mm.vram_state.name}",
+          flush=True)
     if args.out:
         torch.save(out.float().cpu(), args.out)
     return 0

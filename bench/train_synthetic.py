@@ -21,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "fixture_pack"))
+sys.path.insert(0, str(REPO / "bench"))
 
 
 def main() -> int:
@@ -68,13 +69,14 @@ def main() -> int:
                          gradient_checkpointing=args.gradient_checkpointing).to(device)
     with engine.autocast():
         before = evaluate(tr, ds, encode_image, lambda c: context, timesteps=(200, 500, 800), limit=8)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    import peak_memory
+
+    peak_memory.reset(device)
     start = time.perf_counter()
     history = train(tr, ds, encode_image, lambda c: context, steps=args.steps, lr=args.lr,
                     lambda_loc=args.lambda_loc, dropout=0.0, engine=engine)
     seconds = (time.perf_counter() - start) / max(1, args.steps)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    peak = peak_memory.peak_mib(device)
     with engine.autocast():
         after = evaluate(tr, ds, encode_image, lambda c: context, timesteps=(200, 500, 800), limit=8)
     print(f"device {device} channels {args.channels} size {args.size} steps {args.steps} "
@@ -85,7 +87,7 @@ def main() -> int:
               f"{e['mass_outside']:14.4f}")
     first, last = history[0], history[-1]
     print(f"training loss: first step {first['total']:.4f}, last step {last['total']:.4f}; "
-          f"{seconds:.3f} s/step; peak memory {peak:.0f} MiB")
+          f"{seconds:.3f} s/step; peak memory {peak_memory.kind(device)} {peak:.0f} MiB")
     return 0
 
 

@@ -30,3 +30,26 @@ def test_masked_attention_bench_smoke():
                         "--garments", "1,2", "--repeats", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len([line for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]) == 2
+
+
+def test_memory_modes_smoke_prints_a_peak_and_compares_runs(host, tmp_path):
+    """Each run prints its mode and a positive peak; the comparison sees dressed differ from plain."""
+    host_mod.add_shims_if_needed()
+    script = str(host_mod.REPO / "bench" / "memory_modes.py")
+    common = ["--comfyui", str(host.root), "--channels", "32", "--size", "64x64", "--garments", "2", "--steps", "1",
+              "--dtype", "float32"]
+    outs = {}
+    for name, extra in (("dressed", []), ("plain", ["--plain"])):
+        outs[name] = tmp_path / f"{name}.pt"
+        r = subprocess.run([sys.executable, script, *common, *extra, "--out", str(outs[name]), "--", "--cpu"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        line = [x for x in r.stdout.splitlines() if x.startswith("mode --cpu: 64x64")]
+        assert line and "vram state DISABLED" in line[0], r.stdout[-2000:]
+        peak = float(line[0].split("peak resident (CPU process) ")[1].split(" MiB")[0])
+        assert peak > 50, line[0]
+    r = subprocess.run([sys.executable, script, "--compare", str(outs["dressed"]), str(outs["dressed"]),
+                        str(outs["plain"])], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    diffs = [float(x.rsplit(": ", 1)[1]) for x in r.stdout.splitlines() if "max |diff|" in x]
+    assert diffs[0] == 0.0 and diffs[1] > 1e-3, r.stdout
