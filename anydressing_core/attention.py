@@ -99,44 +99,75 @@ def attention_with_lse(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor,
     return _attention_lse_math(qh, kh, vh, scale)
 
 
+def visible_queries(masks: torch.Tensor) -> list[torch.Tensor]:
+    """Per garment, the indices of the queries that see it (m_k(q) > 0), from masks [N, Lq].
+
+    One host sync (the counts decide the shapes): callers compute this once per mask grid and sampling run and pass
+    it to garment_attention, never per step.
+    """
+    return [torch.nonzero(masks[k] > 0, as_tuple=False).reshape(-1) for k in range(masks.shape[0])]
+
+
 def garment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, heads: int,
                       segments: Sequence[tuple[int, int]], weights: Optional[Sequence[float]] = None,
                       masks: Optional[torch.Tensor] = None,
-                      attention: AttentionFn = sdpa_attention, joint: bool = True) -> torch.Tensor:
+                      attention: AttentionFn = sdpa_attention, joint: bool = True,
+                      visible: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
     """The garment branch G for queries q [B, Lq, C] over garment tokens keys/values [1 or B, L, C].
 
     joint=False attends each garment on its own and sums the results (DreamFit): G = sum_k w_k m_k(q) Attn_k(q).
 
     segments: token range (start, end) of each garment in keys/values. weights: w_k (default 1).
     masks: [N, Lq] or [B, N, Lq] values in [0, 1] (None means 1 everywhere). Returns [B, Lq, C].
+    visible: optional visible_queries(masks) for 2-D masks. Each garment is then attended only from the queries that
+    see it (the others get exactly nothing from it anyway), so disjoint masks cost about one garment's attention
+    instead of N. Same result either way.
     """
     n = len(segments)
     b, lq, c = q.shape
     if masks is not None and (masks.shape[-2] != n or masks.shape[-1] != lq or masks.dim() not in (2, 3)):
         raise ValueError(f"garment masks have shape {tuple(masks.shape)}; expected [{n}, {lq}]")
+    if visible is not None and (masks is None or masks.dim() != 2 or len(visible) != n):
+        raise ValueError("visible query indices need 2-D garment masks [N, Lq], one index tensor per garment")
     if keys.shape[0] == 1 and b > 1:
         # Garment tokens are shared by every row: fold the rows into one long query sequence instead of expanding
         # K'/V' per row (no copies, one larger attention call; each query is independent, so results are equal).
-        folded_masks = None
+        folded_masks = folded_visible = None
         if masks is not None:
             m = masks if masks.dim() == 3 else masks.unsqueeze(0).expand(b, -1, -1)
             folded_masks = m.permute(1, 0, 2).reshape(m.shape[1], b * lq)
+        if visible is not None:  # the same queries in every row, offset by the row (device arithmetic, no sync)
+            offsets = torch.arange(b, device=q.device).unsqueeze(1) * lq
+            folded_visible = [(idx.to(q.device).unsqueeze(0) + offsets).reshape(-1) for idx in visible]
         out = garment_attention(q.reshape(1, b * lq, c), keys, values, heads, segments, weights, folded_masks,
-                                attention, joint)
+                                attention, joint, folded_visible)
         return out.reshape(b, lq, c)
-    if not joint:
-        coef = [1.0] * n if weights is None else [float(w) for w in weights]
+    coef = [1.0] * n if weights is None else [float(w) for w in weights]  # Python floats: no host-to-device copy
+    if len(coef) != n:
+        raise ValueError(f"{len(coef)} garment weights given for {n} garments")
+    idx = None if visible is None else [v.to(q.device) for v in visible]
+    if not joint or n == 1:
+        # (one garment: its share of the visible garments' softmax mass is 1 wherever it is visible, so the joint
+        # form is exactly w m(q) Attn(q): one attention call, no log-sum-exp merge)
         total = torch.zeros_like(q)
         for k, (start, end) in enumerate(segments):
-            o = attention(q, keys[:, start:end].expand(b, -1, -1), values[:, start:end].expand(b, -1, -1), heads)
-            scale = torch.full((1, lq, 1), coef[k], device=q.device, dtype=q.dtype)
+            qk = q if idx is None else q.index_select(1, idx[k])
+            if qk.shape[1] == 0:
+                continue
+            o = attention(qk, keys[:, start:end].expand(b, -1, -1), values[:, start:end].expand(b, -1, -1), heads)
             if masks is not None:
-                m = masks if masks.dim() == 2 else masks[0]
-                scale = scale * m[k].to(device=q.device, dtype=q.dtype).view(1, lq, 1)
-            total = total + o * scale
+                mk = masks[k] if masks.dim() == 2 else masks[:, k]  # [Lq] or [B, Lq]
+                if idx is not None:
+                    mk = mk.to(q.device).index_select(-1, idx[k])
+                o = o * mk.to(device=q.device, dtype=q.dtype).reshape(-1, qk.shape[1], 1)
+            if coef[k] != 1.0:
+                o = o * coef[k]
+            if idx is None:
+                total = total + o
+            else:
+                total.index_add_(1, idx[k], o)
         return total
-    uniform = weights is None or all(float(w) == 1.0 for w in weights)
-    if masks is None and uniform:
+    if masks is None and all(w == 1.0 for w in coef):
         # Exactly eq. 6: one softmax over all garment tokens.
         return attention(q, keys.expand(b, -1, -1), values.expand(b, -1, -1), heads)
 
@@ -147,28 +178,38 @@ def garment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             m = m.unsqueeze(0)
 
     qh = _split_heads(q, heads)
-    outs, lses = [], []
-    for start, end in segments:
+    h = qh.shape[1]
+    outs: list[Optional[torch.Tensor]] = []
+    lse_all = torch.full((n, b, h, lq), float("-inf"), device=q.device, dtype=torch.float32)
+    for k, (start, end) in enumerate(segments):
+        qk = qh if idx is None else qh.index_select(2, idx[k])
+        if qk.shape[2] == 0:
+            outs.append(None)
+            continue
         kh = _split_heads(keys[:, start:end], heads).expand(b, -1, -1, -1)
         vh = _split_heads(values[:, start:end], heads).expand(b, -1, -1, -1)
-        o, lse = attention_with_lse(qh, kh, vh)
+        o, lse = attention_with_lse(qk, kh, vh)
         outs.append(o)
-        lses.append(lse)
-    lse_all = torch.stack(lses, dim=0)  # [N, B, h, Lq]
-    coef_values = [1.0] * n if weights is None else [float(w) for w in weights]
-    if len(coef_values) != n:
-        raise ValueError(f"{len(coef_values)} garment weights given for {n} garments")
-    if m is not None:
-        visible = (m > 0).permute(1, 0, 2).unsqueeze(2)  # [N, B|1, 1, Lq]
-        lse_all = lse_all.masked_fill(~visible, float("-inf"))
+        if idx is None:
+            lse_all[k] = lse
+        else:
+            lse_all[k].index_copy_(-1, idx[k], lse)
+    if m is not None and idx is None:
+        visible_mask = (m > 0).permute(1, 0, 2).unsqueeze(2)  # [N, B|1, 1, Lq]
+        lse_all = lse_all.masked_fill(~visible_mask, float("-inf"))
     total = torch.logsumexp(lse_all, dim=0, keepdim=True)
     share = torch.nan_to_num(torch.exp(lse_all - total), nan=0.0)  # no visible garment: -inf - -inf -> 0
     out = torch.zeros_like(qh, dtype=torch.float32)
-    for k in range(n):  # weights stay Python floats: no host-to-device copy per call
-        mix = share[k] * coef_values[k]
+    for k in range(n):
+        if outs[k] is None:
+            continue
+        mix = share[k] * coef[k]
         if m is not None:
             mix = mix * m[:, k].unsqueeze(1)
-        out = out + mix.unsqueeze(-1) * outs[k].float()
+        if idx is None:
+            out = out + mix.unsqueeze(-1) * outs[k].float()
+        else:
+            out.index_add_(2, idx[k], mix.index_select(-1, idx[k]).unsqueeze(-1) * outs[k].float())
     return out.to(q.dtype).transpose(1, 2).reshape(q.shape)
 
 

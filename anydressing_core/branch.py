@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from .attention import AttentionFn, garment_attention, garment_attention_mass, sdpa_attention
+from .attention import AttentionFn, garment_attention, garment_attention_mass, sdpa_attention, visible_queries
 from .layers import LayerKey
 from .masks import resize_to_grid
 
@@ -236,6 +236,19 @@ class DressingBranch:
             cache[ck] = value
         return value
 
+    def visible(self, masks: torch.Tensor, cache: Optional[RunCache]) -> Optional[list[torch.Tensor]]:
+        """Per garment, the queries of this grid that see it, once per grid and run (its one host sync).
+
+        Lets each garment be attended only where its mask is, so disjoint masks cost about one garment's attention.
+        Without a run cache (no sampling wrapper) it would sync at every call, so the dense masked path is used.
+        """
+        if cache is None:
+            return None
+        ck = ("visible", id(self), tuple(masks.shape), str(masks.device))
+        if ck not in cache:
+            cache[ck] = visible_queries(masks)
+        return cache[ck]
+
     def output(self, key: LayerKey, q: torch.Tensor, extra: dict) -> Optional[list[tuple[int, int, torch.Tensor]]]:
         """lambda * G for the rows that see garments, as (start, end, tensor) pieces; None when inactive here."""
         layer = self.layers.get(key)
@@ -254,7 +267,8 @@ class DressingBranch:
         probe = extra.get(PROBE_KEY)
         for start, end in _merge(ranges):
             g = garment_attention(q[start:end], kp, vp, heads, layer.segments, self.weights, masks, self.attention,
-                                  joint=self.mode != "separate")
+                                  joint=self.mode != "separate",
+                                  visible=None if masks is None else self.visible(masks, cache))
             pieces.append((start, end, g * self.strength))
             if probe is not None:
                 mass = garment_attention_mass(q[start:end], kp, heads, layer.segments, masks)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from anydressing_core.attention import attention_with_lse, garment_attention, sdpa_attention
+import anydressing_core.attention as attention_mod
+from anydressing_core.attention import attention_with_lse, garment_attention, sdpa_attention, visible_queries
 from anydressing_core.branch import DressingAttentionReplace, DressingBranch, DressingLayer, RunCache
 
 HEADS = 2
@@ -116,6 +117,71 @@ def test_permuting_garments_changes_nothing_and_duplicates_with_their_mask():
     one = garment_attention(q, k[:, 0:3], v[:, 0:3], HEADS, [(0, 3)])
     dup = garment_attention(q, k[:, [0, 1, 2, 0, 1, 2]], v[:, [0, 1, 2, 0, 1, 2]], HEADS, [(0, 3), (3, 6)])
     assert (dup - one).abs().max() <= 1e-5 * one.abs().max()
+
+
+def test_one_garment_with_mask_and_weight_is_one_attention_call_and_matches_reference():
+    q, k, v, segs = make(7, lens=(5,))
+    mask = torch.tensor([[0.0, 0.4, 1.0, 0.0, 0.7, 1.0]])
+    calls = []
+
+    def counting(*args):
+        calls.append(1)
+        return sdpa_attention(*args)
+
+    got = garment_attention(q, k, v, HEADS, segs, weights=[1.5], masks=mask, attention=counting)
+    torch.testing.assert_close(got.double(), reference(q, k, v, HEADS, segs, weights=[1.5], masks=mask),
+                               atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1  # no per-garment log-sum-exp merge for a single garment
+    assert torch.equal(got[:, 0], torch.zeros_like(got[:, 0])) and torch.equal(got[:, 3], torch.zeros_like(got[:, 3]))
+
+
+def test_per_row_masks_with_per_row_garment_tokens():
+    """Masks [B, N, Lq] with keys that differ per row: each row uses its own masks (the separate/one-garment path)."""
+    q, k, v, segs = make(8, lens=(4,))
+    k2 = torch.cat([k, torch.randn_like(k)]), torch.cat([v, torch.randn_like(v)])
+    masks = torch.tensor([[[1.0, 0.0, 1.0, 0.0, 1.0, 0.5]], [[0.0, 1.0, 1.0, 1.0, 0.0, 0.2]]])
+    got = garment_attention(q, k2[0], k2[1], HEADS, segs, masks=masks)
+    for row in range(2):
+        ref = reference(q[row:row + 1], k2[0][row:row + 1], k2[1][row:row + 1], HEADS, segs, masks=masks[row])
+        torch.testing.assert_close(got[row:row + 1].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("joint", [True, False])
+@pytest.mark.parametrize("lens", [(3,), (3, 4), (3, 4, 2)])
+def test_visible_query_indices_give_the_same_result_and_attend_only_visible_queries(monkeypatch, joint, lens):
+    q, k, v, segs = make(9, b=3, lq=8, lens=lens)
+    n = len(lens)
+    g = torch.Generator().manual_seed(10)
+    masks = (torch.rand(n, 8, generator=g) > 0.5).float() * torch.rand(n, 8, generator=g).clamp_min(0.1)
+    masks[0, :] = 0  # a garment nobody sees
+    if n > 1:
+        masks[1, :3] = 1
+    weights = [1.0, 0.5, 2.0][:n]
+    attended = []
+    original = attention_mod.attention_with_lse
+    monkeypatch.setattr(attention_mod, "attention_with_lse",
+                        lambda qh, kh, vh, scale=None: (attended.append(qh.shape[2]), original(qh, kh, vh, scale))[1])
+
+    def counting(qq, kk, vv, heads):
+        attended.append(qq.shape[1])
+        return sdpa_attention(qq, kk, vv, heads)
+
+    dense = garment_attention(q, k, v, HEADS, segs, weights, masks, counting, joint)
+    dense_count = sum(attended)
+    attended.clear()
+    sparse = garment_attention(q, k, v, HEADS, segs, weights, masks, counting, joint, visible_queries(masks))
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    if joint:
+        torch.testing.assert_close(sparse.double(), reference(q, k, v, HEADS, segs, weights, masks), atol=1e-5,
+                                   rtol=1e-5)
+    # every row's visible queries, and only those: the rows are folded into one query sequence
+    assert sum(attended) == 3 * int((masks > 0).sum()) < dense_count
+
+
+def test_visible_indices_need_two_dimensional_masks():
+    q, k, v, segs = make(11, lens=(3, 4))
+    with pytest.raises(ValueError, match=r"visible query indices need 2-D garment masks \[N, Lq\]"):
+        garment_attention(q, k, v, HEADS, segs, visible=[torch.arange(3), torch.arange(2)])
 
 
 def test_uniform_path_equals_general_path():
@@ -229,3 +295,29 @@ def test_mask_shape_error_is_clear():
     q, k, v, segs = make(13)
     with pytest.raises(ValueError, match=r"garment masks have shape \(2, 6\); expected \[3, 6\]"):
         garment_attention(q, k, v, HEADS, segs, masks=torch.ones(2, 6))
+
+
+def test_masked_branch_finds_visible_queries_once_per_run_and_matches_the_dense_path(monkeypatch):
+    q, layer = _setup(14)
+    key = ("input", 1, 0)
+    masks = torch.zeros(3, 4, 6)  # a 2x3 token grid, masks at 2x the resolution
+    masks[0, :2] = 1
+    masks[1, 2:] = 1
+    masks[2, :, :2] = 0.5
+    br = _branch({key: layer}, masks=masks, weights=[1.0, 0.5, 2.0])
+    import anydressing_core.branch as branch_mod
+
+    found = []
+    monkeypatch.setattr(branch_mod, "visible_queries", lambda m: (found.append(1), visible_queries(m))[1])
+    cache = RunCache()
+    extra = {"n_heads": HEADS, "cond_or_uncond": [0, 1], "activations_shape": [4, 8, 2, 3],
+             "anydressing_run_cache": cache}
+    outs = [br.output(key, q, extra) for _ in range(3)]
+    assert len(found) == 1  # one host sync for the grid, not one per step
+    dense = br.output(key, q, {"n_heads": HEADS, "cond_or_uncond": [0, 1], "activations_shape": [4, 8, 2, 3]})
+    assert len(found) == 1  # without a run cache: the dense masked path
+    for pieces in outs:
+        (s0, e0, g0), = pieces
+        (s1, e1, g1), = dense
+        assert (s0, e0) == (s1, e1) == (0, 2)
+        torch.testing.assert_close(g0, g1, atol=1e-5, rtol=1e-5)
