@@ -226,15 +226,10 @@ class DressingBranch:
             v_add[start:end] = vp * self.strength
         return k_add, v_add
 
-    def any_visible(self, masks: torch.Tensor, cache: Optional[RunCache]) -> bool:
-        """Whether any query of this grid sees a garment; one host sync per grid and run, not per call."""
-        ck = ("any", id(self), tuple(masks.shape))
-        if cache is not None and ck in cache:
-            return cache[ck]
-        value = bool((masks > 0).any())
-        if cache is not None:
-            cache[ck] = value
-        return value
+    @staticmethod
+    def any_visible(masks: torch.Tensor) -> bool:
+        """Whether any query of this grid sees a garment (a host sync: only used without a run cache)."""
+        return bool((masks > 0).any())
 
     def visible(self, masks: torch.Tensor, cache: Optional[RunCache]) -> Optional[list[torch.Tensor]]:
         """Per garment, the queries of this grid that see it, once per grid and run (its one host sync).
@@ -259,16 +254,18 @@ class DressingBranch:
             return None
         cache = extra.get(RUN_CACHE_KEY)
         masks = self.layer_masks(extra, q.shape[1], q.device, cache)
-        if masks is not None and not self.any_visible(masks, cache):
-            return None  # no query sees any garment: exactly the unpatched layer
+        visible = None if masks is None else self.visible(masks, cache)
+        if masks is not None:  # no query sees any garment: exactly the unpatched layer
+            seen = any(v.numel() for v in visible) if visible is not None else self.any_visible(masks)
+            if not seen:
+                return None
         kp, vp = self.projected(key, layer, q.device, q.dtype, cache)
         heads = int(extra["n_heads"])
         pieces = []
         probe = extra.get(PROBE_KEY)
         for start, end in _merge(ranges):
             g = garment_attention(q[start:end], kp, vp, heads, layer.segments, self.weights, masks, self.attention,
-                                  joint=self.mode != "separate",
-                                  visible=None if masks is None else self.visible(masks, cache))
+                                  joint=self.mode != "separate", visible=visible)
             pieces.append((start, end, g * self.strength))
             if probe is not None:
                 mass = garment_attention_mass(q[start:end], kp, heads, layer.segments, masks)
