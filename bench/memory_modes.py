@@ -57,11 +57,13 @@ def main(argv=None) -> int:
     h, w = (int(v) for v in args.size.split("x"))
     g = torch.Generator().manual_seed(0)
     model = dressing_bench.sd15_model(args.channels, getattr(torch, args.dtype))
-    gnet = mods["garments_net"].load("training-free", None, model)
-    feats = mods["encode"].encode(gnet, torch.randn(args.garments, 4, h // 8, w // 8, generator=g),
-                                  ["upper"] * args.garments)
-    mm.unload_all_models()  # GarmentsNet offloaded between encode and sampling, as between runs
-    dressed = model if args.plain else mods["apply"].apply(model, feats, 0.7, "", 0.0, 1.0, "auto", None)
+    garment_latents = torch.randn(args.garments, 4, h // 8, w // 8, generator=g)  # drawn in both: same noise after
+    dressed = model
+    if not args.plain:  # the plain reference holds no garment features while it samples
+        gnet = mods["garments_net"].load("training-free", None, model)
+        feats = mods["encode"].encode(gnet, garment_latents, ["upper"] * args.garments)
+        mm.unload_all_models()  # GarmentsNet offloaded between encode and sampling, as between runs
+        dressed = mods["apply"].apply(model, feats, 0.7, "", 0.0, 1.0, "auto", None)
     latent = torch.zeros(1, 4, h // 8, w // 8)
     cond = [[torch.randn(1, 77, 768, generator=g), {}]]
     neg = [[torch.randn(1, 77, 768, generator=g), {}]]
