@@ -5,8 +5,8 @@ random weights: plain vs dressed (unmasked and masked) sampling, timed alternate
 one-off Encode Garments; the prototype's alternative (re-running a garment UNet at every step); peak memory; the
 feature bank size per garment. Prints a table.
 
-GPU (real sizes, fp16; ComfyUI copied into a git-ignored folder of the repository, e.g. .comfyui/):
-    python bench/dressing_bench.py --comfyui .comfyui --dtype float16 --sizes 512x384,768x576,1024x768 \\
+GPU (real sizes, fp16; the pinned ComfyUI the tests extract into the git-ignored .comfyui/, carried):
+    python bench/dressing_bench.py --dtype float16 --sizes 512x384,768x576,1024x768 \\
         --garments 1,2,4,6 --rows 2,8 --steps 30
 CPU smoke run (small model):
     python bench/dressing_bench.py --channels 64 --sizes 256x192 --garments 1,2 --rows 2 --steps 4 --repeats 2
@@ -26,6 +26,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peak_memory  # noqa: E402
+
+
+def default_comfyui() -> str:
+    """$COMFYUI_PATH, else the tests' host (the pinned ComfyUI in .comfyui/, extracted from ../shared/host if needed)."""
+    if os.environ.get("COMFYUI_PATH"):
+        return os.environ["COMFYUI_PATH"]
+    sys.path.insert(0, str(REPO / "tests"))
+    import host
+
+    found = host.find_comfyui()
+    if found is None:
+        raise SystemExit(f"pass --comfyui PATH: {host.why_no_host()}")
+    return str(found)
 
 
 def boot(comfyui: Path, cpu: bool, flags: list[str] = ()):
@@ -99,7 +112,7 @@ class Meter:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI")))
+    ap.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, else the tests' pinned host)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--channels", type=int, default=320, help="model_channels (320 = real SD1.5)")
     ap.add_argument("--sizes", default="768x576", help="image HxW list, e.g. 512x384,768x576,1024x768")
@@ -113,7 +126,7 @@ def main(argv=None) -> int:
     import torch
 
     cpu = not torch.cuda.is_available()
-    mods = boot(Path(args.comfyui), cpu)
+    mods = boot(Path(args.comfyui or default_comfyui()), cpu)
     import comfy.model_management as mm
     import comfy.sample
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# One prepared GPU session (issues 6 and 7): run through the device tool with `.comfyui` carried, e.g.
-#   cp -r ~/ComfyUI .comfyui   (git-ignored)   then   run: bash bench/gpu_session.sh   carry: [".comfyui"]
+# One prepared GPU session (issues 6 and 7): run through the device tool with `.comfyui` carried (the pinned host that
+# `bash tests/run.sh` extracts there, about 16 MB), e.g.   run: bash bench/gpu_session.sh   carry: [".comfyui"]
 # Prints the benchmark table at real sizes (fp16) and the memory modes with their peak memory and agreement.
 # Issue 8's GPU run is a separate call (it fits in one command's 10 minutes on its own):
-#   python bench/train_synthetic.py --comfyui .comfyui --channels 320 --size 256 --steps 1500 \
+#   python bench/train_synthetic.py --channels 320 --size 256 --steps 1500 \
 #       --mixed-precision bf16 --gradient-checkpointing
 set -uo pipefail
 cd "$(dirname "$0")/.."
-C=.comfyui
+C="$(python tests/host.py --find)"
+[ -n "$C" ] || { python tests/host.py --why; exit 1; }
 OUT=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 for mode in "" "--lowvram" "--novram"; do

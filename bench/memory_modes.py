@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     flags = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--comfyui", default=str(Path.home() / "ComfyUI"))
+    ap.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, else the tests' pinned host)")
     ap.add_argument("--out")
     ap.add_argument("--compare", nargs="+")
     ap.add_argument("--channels", type=int, default=320)
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    mods = dressing_bench.boot(Path(args.comfyui), cpu="--cpu" in flags, flags=flags)
+    mods = dressing_bench.boot(Path(args.comfyui or dressing_bench.default_comfyui()), cpu="--cpu" in flags, flags=flags)
     import comfy.model_management as mm
     import comfy.sample
 

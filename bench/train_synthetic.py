@@ -4,9 +4,9 @@ figures before and after training (diffusion and localization losses, each garme
 outside its mask), plus seconds per step and peak memory.
 
 CPU (what the test does, longer):
-    python bench/train_synthetic.py --comfyui ~/ComfyUI --channels 32 --steps 200
-GPU (full SD1.5 width, bf16, checkpointing; ComfyUI copied into the git-ignored .comfyui/):
-    python bench/train_synthetic.py --comfyui .comfyui --channels 320 --size 256 --steps 2000 --mixed-precision bf16 \\
+    python bench/train_synthetic.py --channels 32 --steps 200
+GPU (full SD1.5 width, bf16, checkpointing; the pinned ComfyUI in the git-ignored .comfyui/, carried):
+    python bench/train_synthetic.py --channels 320 --size 256 --steps 2000 --mixed-precision bf16 \\
         --gradient-checkpointing
 """
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--comfyui", required=True)
+    ap.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, else the tests' pinned host)")
     ap.add_argument("--channels", type=int, default=32, help="UNet width (320 = SD1.5)")
     ap.add_argument("--size", type=int, default=64, help="image side of the synthetic samples")
     ap.add_argument("--samples", type=int, default=16)
@@ -39,8 +39,9 @@ def main() -> int:
     args = ap.parse_args()
 
     from anydressing_train.__main__ import boot
+    from dressing_bench import default_comfyui
 
-    boot(Path(args.comfyui), ["--cpu"] if args.cpu else [])
+    boot(Path(args.comfyui or default_comfyui()), ["--cpu"] if args.cpu else [])
     import torch
 
     import adtest_tiny

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,8 +17,6 @@ for p in (str(REPO), str(TESTS), str(TESTS / "fixture_pack")):
 import host as host_mod  # noqa: E402
 
 
-
-
 def pytest_report_header(config):
     root = host_mod.find_comfyui()
     return f"ComfyUI host: {root}" if root else f"ComfyUI host: none: {host_mod.why_no_host()}"
@@ -26,6 +25,8 @@ def pytest_report_header(config):
 def pytest_collection_modifyitems(config, items):
     if host_mod.find_comfyui() is not None:
         return
+    if os.environ.get("CI") == "true" and any("host" in item.keywords for item in items):
+        raise pytest.UsageError(f"CI must run the host tests, and there is no host: {host_mod.why_no_host()}")
     skip = pytest.mark.skip(reason=host_mod.why_no_host())
     for item in items:
         if "host" in item.keywords:

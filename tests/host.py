@@ -1,6 +1,8 @@
 """Find and boot the real ComfyUI host, once per process, for the host tests.
 
-Search order: $COMFYUI_PATH, the ComfyUI whose custom_nodes/ contains this pack, ~/ComfyUI.
+Search order: $COMFYUI_PATH; the ComfyUI whose custom_nodes/ contains this pack; the pinned host (tests/comfyui.version),
+extracted once from ../shared/host/ComfyUI-<version>.tar.gz into the git-ignored .comfyui/ComfyUI-<version>/.
+~/ComfyUI is deliberately not searched: it may be any version, and a green run on an unknown host proves little.
 """
 
 from __future__ import annotations
@@ -8,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import shutil
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -17,10 +21,49 @@ REPO = Path(__file__).resolve().parent.parent
 SHIMS = Path(__file__).resolve().parent / "shims"
 FIXTURE_PACK = Path(__file__).resolve().parent / "fixture_pack"
 PACK_LINK_NAME = "ComfyUI-AnyDressing"
+VERSION_FILE = Path(__file__).resolve().parent / "comfyui.version"
+SHARED_HOST = REPO.parent / "shared" / "host"
+CACHE = REPO / ".comfyui"
+UPSTREAM = "https://github.com/Comfy-Org/ComfyUI"
+
+
+def pinned_version() -> tuple[str, str]:
+    """(git tag, commit) from tests/comfyui.version: the first two lines that are not comments."""
+    lines = [ln.strip() for ln in VERSION_FILE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return lines[0], lines[1]
+
+
+def pinned_paths() -> tuple[Path, Path]:
+    """(the archive in ../shared/host, the folder it extracts to in the cache)."""
+    version = pinned_version()[0].lstrip("v")
+    return SHARED_HOST / f"ComfyUI-{version}.tar.gz", CACHE / f"ComfyUI-{version}"
 
 
 def _is_comfyui(path: Path) -> bool:
     return (path / "comfy" / "model_patcher.py").is_file() and (path / "execution.py").is_file()
+
+
+def extract_pinned() -> Optional[Path]:
+    """The pinned host, extracted on first use (into a temporary folder, then renamed: never half a tree)."""
+    archive, target = pinned_paths()
+    if _is_comfyui(target):
+        return target
+    if not archive.is_file():
+        return None
+    CACHE.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="extracting-", dir=CACHE))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        roots = [p for p in tmp.iterdir() if _is_comfyui(p)]
+        if len(roots) != 1:
+            raise RuntimeError(f"{archive} does not hold one ComfyUI folder (found {sorted(p.name for p in tmp.iterdir())})")
+        if target.exists():  # an incomplete earlier extraction
+            shutil.rmtree(target)
+        roots[0].rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def find_comfyui() -> Optional[Path]:
@@ -31,18 +74,18 @@ def find_comfyui() -> Optional[Path]:
     parent = REPO.parent
     if parent.name == "custom_nodes" and _is_comfyui(parent.parent):
         return parent.parent
-    home = Path.home() / "ComfyUI"
-    if _is_comfyui(home):
-        return home
-    return None
+    return extract_pinned()
 
 
 def why_no_host() -> str:
+    """One line: why there is no host, and how to get the pinned one."""
     env = os.environ.get("COMFYUI_PATH")
     if env:
-        return f"COMFYUI_PATH={env} is not a ComfyUI checkout (no comfy/model_patcher.py)"
-    return ("no ComfyUI found (set COMFYUI_PATH, install the pack in ComfyUI/custom_nodes, or put ComfyUI in "
-            "~/ComfyUI); host tests skipped")
+        return f"COMFYUI_PATH={env} is not a ComfyUI checkout (no comfy/model_patcher.py and execution.py)"
+    tag = pinned_version()[0]
+    archive, _ = pinned_paths()
+    return (f"no ComfyUI host ({archive} not found): host tests skipped; get the pinned one with "
+            f"`git clone --depth 1 --branch {tag} {UPSTREAM} ComfyUI` and set COMFYUI_PATH=$PWD/ComfyUI")
 
 
 def add_shims_if_needed() -> None:
@@ -175,6 +218,11 @@ def boot() -> Host:
     return _HOST
 
 
-if __name__ == "__main__":  # `python tests/host.py --find`: print the host path (empty when none), for tests/run.sh
-    found = find_comfyui()
-    print(found or "")
+if __name__ == "__main__":
+    # `python tests/host.py --find`: the host path (extracting the pinned one if needed), empty when none;
+    # `python tests/host.py --why`: the one line saying why there is none (for tests/run.sh)
+    if sys.argv[1:] == ["--why"]:
+        print(why_no_host())
+    else:
+        found = find_comfyui()
+        print(found or "")

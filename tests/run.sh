@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The test command (see README): sets up .venv, installs what the tests need, runs pytest.
 #  * torch: the CPU wheel 2.13.0 (never a CUDA build, never torchvision/torchaudio: the tests use stand-ins).
-#  * When a ComfyUI host is found ($COMFYUI_PATH, the ComfyUI containing this pack, or ~/ComfyUI), its
-#    requirements.txt is installed too, without torch, torchvision, torchaudio and spandrel (spandrel --no-deps),
-#    plus requests (imported by ComfyUI, not listed). Without a host, the host tests skip with one clear line.
+#  * The ComfyUI host: $COMFYUI_PATH, else the ComfyUI containing this pack, else the pinned one
+#    (tests/comfyui.version) extracted once from ../shared/host into .comfyui/ (tests/host.py). Its requirements.txt
+#    is installed too, without torch, torchvision, torchaudio and spandrel (spandrel --no-deps), plus requests
+#    (imported by ComfyUI, not listed). Without a host the host tests skip with one line, except under CI=true,
+#    where a missing host is a failure.
 # Extra arguments go to pytest (paths relative to tests/), e.g.  bash tests/run.sh -m slow   or   -k masks
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +39,13 @@ if [ -n "$HOST" ]; then
   fi
   echo "ComfyUI host: $HOST"
 else
-  echo "No ComfyUI host found: host tests will be skipped (set COMFYUI_PATH to run them)."
+  WHY="$("$VENV/bin/python" tests/host.py --why)"
+  if [ "${CI:-}" = "true" ]; then
+    echo "CI: $WHY" >&2
+    echo "CI must run the host tests: a missing host is a failure here." >&2
+    exit 1
+  fi
+  echo "$WHY"
 fi
 
 # pytest runs from tests/ (the repository root is itself a ComfyUI package, which pytest must not import)

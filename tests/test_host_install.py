@@ -66,7 +66,7 @@ def test_any_folder_name(host):
     base = Path(tempfile.mkdtemp(prefix="anydressing-folder-"))
     (base / "custom_nodes").mkdir()
     folder = base / "custom_nodes" / "my.dressing pack"
-    shutil.copytree(REPO, folder, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__"))
+    shutil.copytree(REPO, folder, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", ".comfyui", "node_modules"))
     env = dict(os.environ)
     host_mod.add_shims_if_needed()
     env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
