@@ -16,6 +16,16 @@ for p in (str(REPO), str(TESTS), str(TESTS / "fixture_pack")):
 
 import host as host_mod  # noqa: E402
 
+# Parallel workers (pytest-xdist, see run.sh) share the cores: each worker and the processes it starts get its share
+# of threads, since torch's default (one thread per core in every worker) oversubscribes the CPU and slows all ~10x.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+if _WORKERS > 1:
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _THREADS
+    import torch  # noqa: E402
+
+    torch.set_num_threads(int(_THREADS))
+
 
 def pytest_report_header(config):
     root = host_mod.find_comfyui()
@@ -36,6 +46,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def host():
     return host_mod.boot()
+
+
+@pytest.fixture(scope="session")
+def comfy_server(host):
+    """One real ComfyUI server per test process, for the server and browser tests."""
+    from comfy_server import Server
+
+    server = Server(host.root, settings={"Comfy.TutorialCompleted": True})
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -6,6 +6,9 @@
 #    is installed too, without torch, torchvision, torchaudio and spandrel (spandrel --no-deps), plus requests
 #    (imported by ComfyUI, not listed). Without a host the host tests skip with one line, except under CI=true,
 #    where a missing host is a failure.
+#  * pytest runs in ANYDRESSING_TEST_WORKERS (default 2) pytest-xdist workers, each file on one worker (its module
+#    fixtures built once); each worker gets its share of the cores' threads (conftest.py).
+#    ANYDRESSING_TEST_WORKERS=0 runs in this process; so does any -n/--numprocesses or -p no:xdist given here.
 # Extra arguments go to pytest (paths relative to tests/), e.g.  bash tests/run.sh -m slow   or   -k masks
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,4 +54,9 @@ fi
 # pytest runs from tests/ (the repository root is itself a ComfyUI package, which pytest must not import)
 VENV_ABS="$(cd "$VENV" && pwd)"
 cd tests
-exec "$VENV_ABS/bin/python" -m pytest "$@"
+PARALLEL=(-n "${ANYDRESSING_TEST_WORKERS:-2}" --dist loadfile)
+for a in "$@"; do
+  case "$a" in -n|-n*|--numprocesses*|no:xdist|-pno:xdist) PARALLEL=() ;; esac
+done
+[ "${ANYDRESSING_TEST_WORKERS:-2}" = 0 ] && PARALLEL=()
+exec "$VENV_ABS/bin/python" -m pytest "${PARALLEL[@]}" "$@"

@@ -15,7 +15,6 @@ import pytest
 
 import graphs
 import host as host_mod
-from test_host_server import Server
 from test_host_workflows import EXTERNAL
 
 pytestmark = pytest.mark.host
@@ -36,11 +35,11 @@ def browser_missing() -> str:
 
 
 @pytest.fixture(scope="module")
-def editor(host):
+def editor(host, request):
     why = browser_missing()
     if why:
         pytest.skip(f"browser tests skipped: {why}")
-    server = Server(host.root, settings={"Comfy.TutorialCompleted": True})
+    server = request.getfixturevalue("comfy_server")  # started only when a browser is there
     for wf in WORKFLOWS:  # the named model files exist (empty), as on a user's machine: no missing-models dialog
         for m in json.loads(wf.read_text()).get("models", []):
             (server.base / "models" / m["directory"]).mkdir(parents=True, exist_ok=True)
@@ -56,19 +55,16 @@ def editor(host):
     r = subprocess.run(["node", str(BROWSER_DIR / "editor_check.mjs"), server.url, str(shots), str(queue_file)]
                        + [str(p) for p in WORKFLOWS], capture_output=True, text=True, timeout=600, cwd=BROWSER_DIR)
     queue_file.unlink()
-    try:
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-        result = json.loads(r.stdout.strip().splitlines()[-1])
-        deadline = time.time() + 120
-        new = {}
-        while time.time() < deadline:
-            new = {k: v for k, v in (server.get("/history") or {}).items() if k not in before}
-            if new and all(v.get("status", {}).get("completed") is not None for v in new.values()):
-                break
-            time.sleep(0.2)
-        yield result, new, shots, server
-    finally:
-        server.stop()
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    deadline = time.time() + 120
+    new = {}
+    while time.time() < deadline:
+        new = {k: v for k, v in (server.get("/history") or {}).items() if k not in before}
+        if new and all(v.get("status", {}).get("completed") is not None for v in new.values()):
+            break
+        time.sleep(0.2)
+    return result, new, shots, server
 
 
 def test_every_workflow_loads_with_no_unknown_missing_node_and_no_error(editor):
