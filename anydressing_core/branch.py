@@ -26,6 +26,8 @@ RUN_CACHE_KEY = "anydressing_run_cache"
 # transformer_options key listing the cond_or_uncond values whose rows see the garments (default: 0, the cond rows).
 # Garment guidance adds a third row set (negative text with garments) as value 2.
 GARMENT_ROWS_KEY = "anydressing_garment_rows"
+# transformer_options key of a WeightsGeneration: bumped whenever the host re-patches the MODEL's weights mid-run
+WEIGHTS_GENERATION_KEY = "anydressing_weights_generation"
 # transformer_options key of an AttentionProbe: when present, every branch records its garments' attention mass A_k
 PROBE_KEY = "anydressing_attention_probe"
 
@@ -46,6 +48,26 @@ class AttentionProbe:
             self.maps[branch] = {}
             self.order.append(branch)
         self.maps[branch][key] = (mass if self.keep_grad else mass.detach().float().cpu(), grid)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class WeightsGeneration:
+    """A counter the host bumps each time it re-applies weight hooks (scheduled LoRA keyframes, per-cond hooks).
+
+    ComfyUI patches hook weights in place (under inference mode, where tensors keep no version counter), so K'/V'
+    projected with to_k/to_v must be keyed to this counter. Shared by every clone: never copied.
+    """
+
+    def __init__(self):
+        self.value = 0
+
+    def bump(self, *args) -> None:
+        self.value += 1
+
+    def __copy__(self):
+        return self
 
     def __deepcopy__(self, memo):
         return self
@@ -186,11 +208,12 @@ class DressingBranch:
         per = batch // len(cou)
         return [(i * per, (i + 1) * per) for i, c in enumerate(cou) if c in garment_rows or self.include_uncond]
 
-    def projected(self, key: LayerKey, layer: DressingLayer, device, dtype, cache: Optional[RunCache]):
+    def projected(self, key: LayerKey, layer: DressingLayer, device, dtype, cache: Optional[RunCache],
+                  generation: Optional[WeightsGeneration] = None):
         if cache is None:
             return layer.project(device, dtype)
         ck = ("kv", id(self), key, str(device), dtype)
-        version = layer.weights_version()
+        version = (layer.weights_version(), generation.value if generation is not None else 0)
         hit = cache.get(ck)
         if hit is None or hit[0] != version:  # one entry per layer: the projection for the weights loaded now
             hit = (version, layer.project(device, dtype))
@@ -262,7 +285,7 @@ class DressingBranch:
         ranges = self.rows(extra, q.shape[0])
         if not ranges:
             return None
-        kp, vp = self.projected(key, layer, q.device, q.dtype, extra.get(RUN_CACHE_KEY))
+        kp, vp = self.projected(key, layer, q.device, q.dtype, extra.get(RUN_CACHE_KEY), extra.get(WEIGHTS_GENERATION_KEY))
         k_add = q.new_zeros((q.shape[0], kp.shape[1], kp.shape[2]))
         v_add = q.new_zeros((q.shape[0], vp.shape[1], vp.shape[2]))
         for start, end in _merge(ranges):
@@ -305,7 +328,7 @@ class DressingBranch:
             seen = any(v.numel() for v in visible) if visible is not None else self.any_visible(masks)
             if not seen:
                 return None
-        kp, vp = self.projected(key, layer, q.device, q.dtype, cache)
+        kp, vp = self.projected(key, layer, q.device, q.dtype, cache, extra.get(WEIGHTS_GENERATION_KEY))
         heads = int(extra["n_heads"])
         pieces = []
         probe = extra.get(PROBE_KEY)

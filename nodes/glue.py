@@ -11,8 +11,8 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.patcher_extension
 
-from ..anydressing_core.branch import (RUN_CACHE_KEY, DressedLayers, DressingAttentionReplace, DressingBranch, RunCache,
-                                      restore_dressing)
+from ..anydressing_core.branch import (RUN_CACHE_KEY, WEIGHTS_GENERATION_KEY, DressedLayers, DressingAttentionReplace,
+                                      DressingBranch, RunCache, WeightsGeneration, restore_dressing)
 from ..anydressing_core.layers import LayerKey, format_key, is_layer_path, key_from_path, sort_keys
 
 LOG = logging.getLogger("AnyDressing")
@@ -126,6 +126,13 @@ def install_branch(model_patcher, branch: DressingBranch, keys: list[LayerKey]) 
     to = model_patcher.model_options["transformer_options"]  # set_model_attn1_replace put in a new dict
     dressed = to.get(DRESSED_KEY)
     to[DRESSED_KEY] = dressed.with_layers(installed) if isinstance(dressed, DressedLayers) else DressedLayers(installed)
+    if not isinstance(to.get(WEIGHTS_GENERATION_KEY), WeightsGeneration):
+        # scheduled LoRA hooks re-patch to_k/to_v in place mid-run: K'/V' are projected again after each re-patch
+        generation = WeightsGeneration()
+        to[WEIGHTS_GENERATION_KEY] = generation
+        model_patcher.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, WRAPPER_KEY)
+        model_patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, WRAPPER_KEY,
+                                            generation.bump)
     for kind, fn in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, run_cache_wrapper),
                      (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, keep_dressing_wrapper)):
         model_patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)

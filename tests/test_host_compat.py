@@ -276,6 +276,22 @@ def test_second_apply_adds_a_branch_on_every_layer(host, store, calls):
     assert rel(both, single) > 1e-3
 
 
+def test_two_apply_nodes_in_either_order_give_the_same_result(host, store):
+    """Two branches are summed: swapping which Apply node comes first only reorders a sum."""
+    first = run(host, store, "first", extra_apply=second_apply)
+
+    def swapped(p: dict) -> dict:  # apply2 (shoes) on the plain MODEL, apply (upper, lower) on its output
+        p["apply2"]["inputs"]["model"] = ["model", 0]
+        p["apply"]["inputs"]["model"] = ["apply2", 0]
+        p["sampler"]["inputs"]["model"] = ["apply", 0]
+        return p
+
+    p, key = prompt("swapped", extra_apply=second_apply)
+    r = host.run(swapped(p))
+    assert r["success"], r["errors"]
+    assert rel(store[key], first) < 1e-5
+
+
 def guidance(model_ref):
     return {"guide": {"class_type": "AnyDressingGarmentGuidance", "inputs": {"model": model_ref,
                                                                             "garment_scale": 2.5}}}
@@ -352,3 +368,62 @@ def test_garment_kv_are_projected_again_when_the_weights_change(host):
     k3, _ = branch.projected(("middle", 0, 0), layer, torch.device("cpu"), torch.float32, cache)
     assert torch.allclose(k3, k1)
     assert len(cache) == 1  # one entry per layer, replaced, not one per weight version
+
+
+def write_hook_lora(host) -> str:
+    """A LoRA file on every attn1.to_k/to_v of the tiny model, for ComfyUI's own Create Hook LoRA node."""
+    import adtest_tiny
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(11)
+    sd = {}
+    for k, w in adtest_tiny.tiny_unet_state_dict(0).items():
+        if ".attn1.to_k." in k or ".attn1.to_v." in k:
+            base = f"diffusion_model.{k[:-len('.weight')]}"
+            sd[f"{base}.lora_up.weight"] = 0.3 * torch.randn(w.shape[0], 4, generator=g)
+            sd[f"{base}.lora_down.weight"] = 0.3 * torch.randn(4, w.shape[1], generator=g)
+    folder = host.models_dir / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(folder / "adtest_hook_lora.safetensors"))
+    return "adtest_hook_lora.safetensors"
+
+
+def with_hook_keyframes(p: dict, lora: str) -> dict:
+    """Scheduled LoRA on the positive prompt: strength 0 for the first half of the steps, 1 after (hook keyframes)."""
+    p["hook"] = {"class_type": "CreateHookLora", "inputs": {"lora_name": lora, "strength_model": 1.0,
+                                                            "strength_clip": 1.0}}
+    p["kf0"] = {"class_type": "CreateHookKeyframe", "inputs": {"strength_mult": 0.0, "start_percent": 0.0}}
+    p["kf1"] = {"class_type": "CreateHookKeyframe", "inputs": {"strength_mult": 1.0, "start_percent": 0.5,
+                                                               "prev_hook_kf": ["kf0", 0]}}
+    p["hook_kf"] = {"class_type": "SetHookKeyframes", "inputs": {"hooks": ["hook", 0], "hook_kf": ["kf1", 0]}}
+    p["hooked"] = {"class_type": "ConditioningSetProperties",
+                   "inputs": {"cond_NEW": ["pos", 0], "strength": 1.0, "set_cond_area": "default",
+                              "hooks": ["hook_kf", 0]}}
+    p["sampler"]["inputs"]["positive"] = ["hooked", 0]
+    return p
+
+
+def test_hook_keyframe_lora_reprojects_garments_when_the_weights_change(host, store, calls, monkeypatch):
+    branch_mod = host.pack_module("anydressing_core.branch")
+    projections = []
+    original = branch_mod.DressingLayer.project
+
+    def counting(self, device, dtype):
+        projections.append(1)
+        return original(self, device, dtype)
+
+    monkeypatch.setattr(branch_mod.DressingLayer, "project", counting)
+    lora = write_hook_lora(host)
+    p, without = prompt("without", patched=False)
+    p["sampler"]["inputs"]["steps"] = 2
+    assert host.run(with_hook_keyframes(p, lora))["success"]
+    calls.clear()
+    projections.clear()
+    p, dressed = prompt("dressed")
+    p["sampler"]["inputs"]["steps"] = 2
+    r = host.run(with_hook_keyframes(p, lora))
+    assert r["success"], r["errors"]
+    assert_every_layer_dressed(calls)
+    assert rel(store[dressed], store[without]) > 1e-2
+    # K'/V' once with the keyframe-0 weights and once more after the keyframe at 50% patched the LoRA in
+    assert len(projections) == 2 * LAYERS
