@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from .attention import AttentionFn, garment_attention, garment_attention_mass, sdpa_attention, visible_queries
-from .layers import LayerKey
+from .layers import LayerKey, format_key
 from .masks import resize_to_grid
 
 Projection = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
@@ -26,6 +26,8 @@ RUN_CACHE_KEY = "anydressing_run_cache"
 # transformer_options key listing the cond_or_uncond values whose rows see the garments (default: 0, the cond rows).
 # Garment guidance adds a third row set (negative text with garments) as value 2.
 GARMENT_ROWS_KEY = "anydressing_garment_rows"
+# transformer_options key of a WeightsGeneration: bumped whenever the host re-patches the MODEL's weights mid-run
+WEIGHTS_GENERATION_KEY = "anydressing_weights_generation"
 # transformer_options key of an AttentionProbe: when present, every branch records its garments' attention mass A_k
 PROBE_KEY = "anydressing_attention_probe"
 
@@ -46,6 +48,26 @@ class AttentionProbe:
             self.maps[branch] = {}
             self.order.append(branch)
         self.maps[branch][key] = (mass if self.keep_grad else mass.detach().float().cpu(), grid)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class WeightsGeneration:
+    """A counter the host bumps each time it re-applies weight hooks (scheduled LoRA keyframes, per-cond hooks).
+
+    ComfyUI patches hook weights in place (under inference mode, where tensors keep no version counter), so K'/V'
+    projected with to_k/to_v must be keyed to this counter. Shared by every clone: never copied.
+    """
+
+    def __init__(self):
+        self.value = 0
+
+    def bump(self, *args) -> None:
+        self.value += 1
+
+    def __copy__(self):
+        return self
 
     def __deepcopy__(self, memo):
         return self
@@ -98,6 +120,25 @@ class DressingLayer:
     def project(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.features.to(device=device, dtype=dtype)
         return _apply(self.key_proj, f), _apply(self.value_proj, f)
+
+    def weights_version(self) -> tuple:
+        """Identity and in-place version of the projection weights: it changes when the host swaps or patches them.
+
+        Scheduled LoRA hooks (hook keyframes) re-patch to_k/to_v mid-run, per step and per cond; K'/V' projected
+        with the old weights must then be projected again.
+        """
+        out = []
+        for proj in (self.key_proj, self.value_proj):
+            w = proj if isinstance(proj, torch.Tensor) else getattr(proj, "weight", None)
+            out.append((id(w), w.data_ptr(), _version(w)) if isinstance(w, torch.Tensor) else None)
+        return tuple(out)
+
+
+def _version(w: torch.Tensor) -> int:
+    try:
+        return int(w._version)
+    except RuntimeError:  # inference-mode tensors keep no version counter (ComfyUI samples under inference_mode)
+        return -1
 
 
 def _apply(proj: Projection, f: torch.Tensor) -> torch.Tensor:
@@ -167,15 +208,17 @@ class DressingBranch:
         per = batch // len(cou)
         return [(i * per, (i + 1) * per) for i, c in enumerate(cou) if c in garment_rows or self.include_uncond]
 
-    def projected(self, key: LayerKey, layer: DressingLayer, device, dtype, cache: Optional[RunCache]):
+    def projected(self, key: LayerKey, layer: DressingLayer, device, dtype, cache: Optional[RunCache],
+                  generation: Optional[WeightsGeneration] = None):
         if cache is None:
             return layer.project(device, dtype)
         ck = ("kv", id(self), key, str(device), dtype)
+        version = (layer.weights_version(), generation.value if generation is not None else 0)
         hit = cache.get(ck)
-        if hit is None:
-            hit = layer.project(device, dtype)
+        if hit is None or hit[0] != version:  # one entry per layer: the projection for the weights loaded now
+            hit = (version, layer.project(device, dtype))
             cache[ck] = hit
-        return hit
+        return hit[1]
 
     def check_mask_size(self, extra: dict) -> None:
         """Masks must have the generated image's aspect ratio (any resolution), else regions land in wrong places."""
@@ -189,6 +232,30 @@ class DressingBranch:
             raise ValueError(f"[AnyDressing] Apply Dressing-Attention: the garment masks are {mw}x{mh} (WxH) but "
                              f"the image being generated is {lw * 8}x{lh * 8} (latent {lw}x{lh}); make the masks the "
                              f"size of the generated image")
+
+    def check_full_grid(self, key: LayerKey, q: torch.Tensor, extra: dict, cache: Optional[RunCache]) -> None:
+        """Masks are placed on the whole image's token grid; refuse a layer that sees tiles, merged tokens or a crop.
+
+        HyperTile tiles q (more rows, fewer tokens), ToMe merges tokens (fewer tokens), area conditioning runs the
+        model on a crop of the latent: in each case a mask position would land on the wrong query.
+        """
+        act = extra.get("activations_shape")
+        if act is not None and len(act) >= 4:
+            h, w = int(act[-2]), int(act[-1])
+            if q.shape[1] != h * w or q.shape[0] != int(act[0]):
+                raise ValueError(
+                    f"[AnyDressing] Apply Dressing-Attention: layer {format_key(key)} receives {q.shape[0]} row(s) of "
+                    f"{q.shape[1]} tokens, not {int(act[0])} row(s) of its {w}x{h} grid: a patch before the attention "
+                    f"tiles or merges tokens (HyperTile, TomePatchModel), and garment masks cannot follow the tiles. "
+                    f"Disconnect garment_masks, or remove HyperTile/TomePatchModel from the MODEL")
+        full = cache.get("latent_shape") if cache is not None else None
+        orig = extra.get("original_shape")
+        if full is not None and orig is not None and len(orig) >= 4 and tuple(orig[-2:]) != tuple(full[-2:]):
+            raise ValueError(
+                f"[AnyDressing] Apply Dressing-Attention: the model runs on a {orig[-1]}x{orig[-2]} crop of the "
+                f"{full[-1]}x{full[-2]} latent (area conditioning, e.g. ConditioningSetArea or ConditioningSetMask "
+                f"with set_cond_area 'mask bounds'), and garment masks cover the whole image. Disconnect "
+                f"garment_masks, or use ConditioningSetMask with set_cond_area 'default'")
 
     def layer_masks(self, extra: dict, tokens: int, device, cache: Optional[RunCache]) -> Optional[torch.Tensor]:
         if self.masks is None:
@@ -218,7 +285,7 @@ class DressingBranch:
         ranges = self.rows(extra, q.shape[0])
         if not ranges:
             return None
-        kp, vp = self.projected(key, layer, q.device, q.dtype, extra.get(RUN_CACHE_KEY))
+        kp, vp = self.projected(key, layer, q.device, q.dtype, extra.get(RUN_CACHE_KEY), extra.get(WEIGHTS_GENERATION_KEY))
         k_add = q.new_zeros((q.shape[0], kp.shape[1], kp.shape[2]))
         v_add = q.new_zeros((q.shape[0], vp.shape[1], vp.shape[2]))
         for start, end in _merge(ranges):
@@ -253,13 +320,15 @@ class DressingBranch:
         if not ranges:
             return None
         cache = extra.get(RUN_CACHE_KEY)
+        if self.masks is not None:
+            self.check_full_grid(key, q, extra, cache)
         masks = self.layer_masks(extra, q.shape[1], q.device, cache)
         visible = None if masks is None else self.visible(masks, cache)
         if masks is not None:  # no query sees any garment: exactly the unpatched layer
             seen = any(v.numel() for v in visible) if visible is not None else self.any_visible(masks)
             if not seen:
                 return None
-        kp, vp = self.projected(key, layer, q.device, q.dtype, cache)
+        kp, vp = self.projected(key, layer, q.device, q.dtype, cache, extra.get(WEIGHTS_GENERATION_KEY))
         heads = int(extra["n_heads"])
         pieces = []
         probe = extra.get(PROBE_KEY)
@@ -309,6 +378,12 @@ class DressingAttentionReplace:
                 self.previous = moved
         return self
 
+    def models(self) -> list:
+        """Models the wrapped replacement needs loaded (ComfyUI's model management asks every patch for them)."""
+        if self.previous is not None and hasattr(self.previous, "models"):
+            return list(self.previous.models())
+        return []
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
         joined = [b.extra_tokens(self.key, q, extra) for b in self.branches if b.mode == "concat"]
         joined = [j for j in joined if j is not None]
@@ -330,3 +405,41 @@ class DressingAttentionReplace:
         for start, end, g in pieces:
             out[start:end] += g.to(out.dtype)
         return out
+
+
+class DressedLayers:
+    """layer key -> the DressingAttentionReplace this MODEL's Apply nodes installed there (copy-on-write).
+
+    Kept in transformer_options so that, at every model call, an attn1 replacement that a later node put over ours
+    (Self-Attention Guidance on the MODEL, Perturbed-Attention Guidance inside its extra pass) can be wrapped:
+    it computes the self-attention part and the garment branches are added to its output, exactly as when it
+    was installed before Apply Dressing-Attention. Not a dict, so ComfyUI's option copies keep it.
+    """
+
+    def __init__(self, layers: Optional[dict] = None):
+        self.layers: dict[LayerKey, DressingAttentionReplace] = dict(layers or {})
+
+    def with_layers(self, layers: dict) -> "DressedLayers":
+        return DressedLayers({**self.layers, **layers})
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def restore_dressing(replaces: dict, dressed: DressedLayers) -> dict:
+    """The attn1 entries to put over `replaces` so every dressed layer still adds its garment branches.
+
+    A layer whose current replacement is not (a descendant of) ours gets a DressingAttentionReplace wrapping it.
+    """
+    fix = {}
+    for key, ours in dressed.layers.items():
+        current = replaces.get(key, replaces.get((key[0], key[1])))
+        if current is ours:
+            continue
+        if isinstance(current, DressingAttentionReplace) and all(b in current.branches for b in ours.branches):
+            continue
+        fix[key] = DressingAttentionReplace(key, ours.self_attention, previous=current, branches=ours.branches)
+    return fix

@@ -112,7 +112,8 @@ def build_unet_patcher(unet: dict[str, torch.Tensor], naming: str, name: str,
         found = {k: cfg.get(k) for k in ("context_dim", "use_linear_in_transformer", "adm_in_channels",
                                          "in_channels", "channel_mult")} if cfg else {}
         raise NodeError(NODE, f"{name}: the GarmentsNet UNet is not SD1.5-architecture ({found}); "
-                              f"AnyDressing GarmentsNet needs an SD1.5-family UNet (context 768, 4 latent channels)")
+                              f"AnyDressing GarmentsNet needs an SD1.5-family UNet (context 768, 4 latent channels); "
+                              f"for an SDXL MODEL pick 'training-free' (its own UNet encodes the garments)")
     model_config = comfy.supported_models.SD15(cfg)
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()

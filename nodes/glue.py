@@ -11,11 +11,14 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.patcher_extension
 
-from ..anydressing_core.branch import RUN_CACHE_KEY, DressingAttentionReplace, DressingBranch, RunCache
+from ..anydressing_core.branch import (RUN_CACHE_KEY, WEIGHTS_GENERATION_KEY, DressedLayers, DressingAttentionReplace,
+                                      DressingBranch, RunCache, WeightsGeneration, restore_dressing)
 from ..anydressing_core.layers import LayerKey, format_key, is_layer_path, key_from_path, sort_keys
 
 LOG = logging.getLogger("AnyDressing")
 WRAPPER_KEY = "anydressing"
+# transformer_options key of the DressedLayers registry (which layers our Apply nodes dressed)
+DRESSED_KEY = "anydressing_dressed_layers"
 
 
 class NodeError(Exception):
@@ -74,12 +77,32 @@ def run_cache_wrapper(executor, *args, **kwargs):
     original = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     cache = RunCache()
+    latent = args[1] if len(args) > 1 else kwargs.get("latent_image")
+    if isinstance(latent, torch.Tensor):
+        cache["latent_shape"] = tuple(latent.shape)  # the whole latent: area conditioning runs the model on crops
     guider.model_options.setdefault("transformer_options", {})[RUN_CACHE_KEY] = cache
     try:
         return executor(*args, **kwargs)
     finally:
         cache.clear()
         guider.model_options = original
+
+
+def keep_dressing_wrapper(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
+                          **kwargs):
+    """DIFFUSION_MODEL wrapper: put the garment branches back under attn1 replacements installed after ours.
+
+    Self-Attention Guidance (on the MODEL) and Perturbed-Attention Guidance (in its extra pass) replace the middle
+    block's attn1 after Apply Dressing-Attention ran; without this the garments would silently vanish there.
+    The per-call transformer_options is ComfyUI's shallow copy: the nested dicts are copied, never edited.
+    """
+    dressed = transformer_options.get(DRESSED_KEY)
+    if isinstance(dressed, DressedLayers):
+        replaces = transformer_options.get("patches_replace", {})
+        fix = restore_dressing(replaces.get("attn1", {}), dressed)
+        if fix:
+            transformer_options["patches_replace"] = {**replaces, "attn1": {**replaces.get("attn1", {}), **fix}}
+    return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
 
 def install_branch(model_patcher, branch: DressingBranch, keys: list[LayerKey]) -> None:
@@ -89,6 +112,7 @@ def install_branch(model_patcher, branch: DressingBranch, keys: list[LayerKey]) 
     """
     to = model_patcher.model_options.setdefault("transformer_options", {})
     existing = to.get("patches_replace", {}).get("attn1", {})
+    installed = {}
     for key in keys:
         current = existing.get(key)
         if current is None:
@@ -98,8 +122,21 @@ def install_branch(model_patcher, branch: DressingBranch, keys: list[LayerKey]) 
         else:
             replace = DressingAttentionReplace(key, self_attention, previous=current, branches=[branch])
         model_patcher.set_model_attn1_replace(replace, key[0], key[1], key[2])
-    model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
-    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, run_cache_wrapper)
+        installed[key] = replace
+    to = model_patcher.model_options["transformer_options"]  # set_model_attn1_replace put in a new dict
+    dressed = to.get(DRESSED_KEY)
+    to[DRESSED_KEY] = dressed.with_layers(installed) if isinstance(dressed, DressedLayers) else DressedLayers(installed)
+    if not isinstance(to.get(WEIGHTS_GENERATION_KEY), WeightsGeneration):
+        # scheduled LoRA hooks re-patch to_k/to_v in place mid-run: K'/V' are projected again after each re-patch
+        generation = WeightsGeneration()
+        to[WEIGHTS_GENERATION_KEY] = generation
+        model_patcher.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, WRAPPER_KEY)
+        model_patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, WRAPPER_KEY,
+                                            generation.bump)
+    for kind, fn in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, run_cache_wrapper),
+                     (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, keep_dressing_wrapper)):
+        model_patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        model_patcher.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
 
 
 def intermediate_device() -> torch.device:

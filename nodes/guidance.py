@@ -39,6 +39,12 @@ def apply(model: Any, garment_scale: float) -> Any:
     def calc(args):
         conds, x, sigma, model_ = args["conds"], args["input"], args["sigma"], args["model"]
         options = args["model_options"]
+        later = options.get("sampler_cfg_function")
+        if later is not cfg:  # a later node's cfg function would drop the garment row we are about to compute
+            name = getattr(later, "__qualname__", type(later).__name__)
+            raise glue.NodeError(NODE, f"a node after Garment Guidance replaced the MODEL's CFG function ({name}, "
+                                       f"e.g. RescaleCFG or Perp-Neg), so the garment guidance would be silently "
+                                       f"lost; remove that node or Garment Guidance")
         if conds[1] is None:  # cfg 1: no unconditional rows, nothing to guide
             stash.x = None
             return comfy.samplers.calc_cond_batch(model_, conds, x, sigma, options)

@@ -56,7 +56,7 @@ class LoadGarmentsNet:
                                "use the connected MODEL's UNet as GarmentsNet."}),
             },
             "optional": {
-                "model": ("MODEL", {"tooltip": "Your SD1.5-family checkpoint's MODEL. Needed for 'training-free' and "
+                "model": ("MODEL", {"tooltip": "Your SD1.5-family checkpoint's MODEL (SDXL: 'training-free' only). Needed for 'training-free' and "
                                                "for files that hold only LoRA / Dressing-Attention weights."}),
                 "extra_weights_name": (["none"] + folder_paths.get_filename_list(FOLDER), {
                     "default": "none",
@@ -109,7 +109,7 @@ class EncodeGarments:
         return {
             "required": {
                 "garments_net": ("GARMENTS_NET", {"tooltip": "From Load GarmentsNet."}),
-                "vae": ("VAE", {"tooltip": "The VAE of your SD1.5-family checkpoint; encodes the garment images."}),
+                "vae": ("VAE", {"tooltip": "The VAE of your checkpoint (SD1.5 or SDXL); encodes the garment images."}),
                 "image_1": ("IMAGE", {"tooltip": "Garment 1. Any size or aspect ratio: it is scaled to fit "
                                                  "width x height and padded with white."}),
                 "slot_1": (list(SLOTS), {"default": DEFAULT_SLOTS[0], "tooltip": "Which GFE LoRA slot garment 1 uses."}),

@@ -192,9 +192,9 @@ def test_garment_projections_once_per_sampling_run_and_freed_after(host, store, 
     monkeypatch.setattr(branch_mod.RunCache, "clear", recording_clear)
     run(host, store, "three_steps", steps=3)
     assert len(calls) == 16  # one K'/V' projection per layer for 3 steps x (cond, uncond)
-    assert cleared == [16]  # the run's cache held them and was emptied when sampling ended
+    assert cleared == [17]  # the run's cache held them (and the latent's shape) and was emptied when sampling ended
     run(host, store, "again", steps=3, seed=1)
-    assert len(calls) == 32 and cleared == [16, 16]  # a new run projects again (weights may have changed)
+    assert len(calls) == 32 and cleared == [17, 17]  # a new run projects again (weights may have changed)
 
 
 def test_training_free_on_an_sdxl_architecture_model(host):

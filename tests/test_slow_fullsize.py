@@ -277,3 +277,92 @@ def test_training_command_under_accelerate_launch_with_two_processes(host, tmp_p
     assert c.metadata["processes"] == "2" and c.metadata["batch"] == "4" and c.metadata["steps"] == "2"
     assert (tmp_path / "ddp.safetensors.losses.csv").read_text().count("\n") == 3
     ckpt.unlink()
+
+
+SDXL_WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "anydressing_sdxl_training_free.json"
+SDXL_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+             "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+             "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+             "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+             "use_temporal_attention": False, "use_temporal_resblock": False}
+# one garment's feature bank at a 1024x1024 garment image: 10 layers of 640 channels on a 64x64 grid and 60 layers of
+# 1280 channels on a 32x32 grid (README, "SDXL (training-free)")
+SDXL_BANK_1024 = 10 * 64 * 64 * 640 + 60 * 32 * 32 * 1280
+
+
+def write_random_sdxl_checkpoint(path: Path) -> None:
+    """Every tensor of an SDXL base checkpoint (UNet, VAE, CLIP-L and OpenCLIP-G) with random fp16 weights."""
+    import adtest_tiny
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from safetensors.torch import save_file
+
+    config = comfy.supported_models.SDXL(dict(SDXL_UNET))
+    config.set_inference_dtype(torch.float16, None)
+    model = config.get_model({}, "")
+    adtest_tiny.randomize(model.diffusion_model, 0)
+    sd = {f"model.{k}": v.half() for k, v in model.state_dict().items() if k.startswith("diffusion_model.")}
+    del model
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    adtest_tiny.randomize(vae, 1)
+    sd.update({f"first_stage_model.{k}": v.half() for k, v in vae.state_dict().items()})
+    del vae
+    clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16)
+    adtest_tiny.randomize(clip, 2)
+    sd.update(config.process_clip_state_dict_for_saving({k: v.half() for k, v in clip.state_dict().items()}))
+    del clip
+    save_file(sd, str(path))
+
+
+def test_sdxl_training_free_workflow_on_a_full_size_random_sdxl(host, store):
+    """The shipped SDXL workflow on a full-size random SDXL: 70 self-attention layers dressed, garments act."""
+    from PIL import Image
+
+    ckpt_dir = host.models_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    api = to_api(json.loads(SDXL_WORKFLOW.read_text()), host.nodes.NODE_CLASS_MAPPINGS)
+    name = next(n["inputs"]["ckpt_name"] for n in api.values() if n["class_type"] == "CheckpointLoaderSimple")
+    write_random_sdxl_checkpoint(ckpt_dir / name)
+    inputs = host.base / "input"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for i, node in enumerate(n for n in api.values() if n["class_type"] == "LoadImage"):
+        pixels = (torch.rand(90, 60, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()
+        Image.fromarray(pixels).save(inputs / node["inputs"]["image"])
+    apply_id = next(n for n, v in api.items() if v["class_type"] == "AnyDressingApplyDressingAttention")
+    sampler_id = next(n for n, v in api.items() if v["class_type"] == "KSampler")
+    encode_id = next(n for n, v in api.items() if v["class_type"] == "AnyDressingEncodeGarments")
+
+    def prepared(key: str, dressed: bool) -> dict:
+        p = json.loads(json.dumps(api))
+        for node in p.values():
+            if node["class_type"] == "EmptyLatentImage":
+                node["inputs"].update(width=64, height=64)
+        p[sampler_id]["inputs"]["steps"] = 1
+        p[encode_id]["inputs"].update(width=128, height=128)
+        if not dressed:
+            p[sampler_id]["inputs"]["model"] = p[apply_id]["inputs"]["model"]
+        p["capture"] = {"class_type": "ADTestCaptureLatent", "inputs": {"key": key, "samples": [sampler_id, 0]}}
+        p["capture_model"] = {"class_type": "ADTestCaptureModel", "inputs": {"key": key + "_model",
+                                                                               "model": [apply_id, 0]}}
+        return p
+
+    try:
+        r = host.run(prepared("dressed", True))
+        assert r["success"], r["errors"]
+        r_plain = host.run(prepared("plain", False))
+    finally:
+        (ckpt_dir / name).unlink()  # 7 GB: not left in the temporary ComfyUI base folder
+    replaces = store["dressed_model"].model_options["transformer_options"]["patches_replace"]["attn1"]
+    assert len(replaces) == 70
+    branch = next(iter(replaces.values())).branches[0]
+    widths = sorted({layer.features.shape[-1] for layer in branch.layers.values()})
+    assert widths == [640, 1280]
+    per_garment = sum(layer.features.shape[1] * layer.features.shape[2] for layer in branch.layers.values()) // 2
+    assert per_garment * (1024 * 1024) // (128 * 128) == SDXL_BANK_1024 == 104_857_600  # 200 MiB in fp16
+    assert r_plain["success"], r_plain["errors"]
+    assert torch.isfinite(store["dressed"]).all()
+    assert float((store["dressed"] - store["plain"]).abs().max()) > 1e-3
