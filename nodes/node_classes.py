@@ -86,15 +86,14 @@ def _garment_inputs():
                 "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-H (the IP-Adapter image encoder). Needed only by "
                                                            "IMAGDressing-v1 files."})}
     for i in range(1, MAX_GARMENTS + 1):
+        if i > 1:
+            optional[f"image_{i}"] = ("IMAGE", {"tooltip": f"Garment {i} (optional). Any size; a batch adds one "
+                                                           f"garment per image, all with slot_{i}."})
+            optional[f"slot_{i}"] = (list(SLOTS), {"default": DEFAULT_SLOTS[i - 1],
+                                                   "tooltip": f"Which GFE LoRA slot garment {i} uses."})
         optional[f"mask_{i}"] = ("MASK", {"tooltip": f"Transparency of garment {i} (optional): connect Load Image's "
                                                      f"MASK output for a cut-out PNG. Where it is 1 (transparent) the "
                                                      f"garment is composited over white before encoding."})
-        if i == 1:
-            continue
-        optional[f"image_{i}"] = ("IMAGE", {"tooltip": f"Garment {i} (optional). Any size; a batch adds one garment "
-                                                       f"per image, all with slot_{i}."})
-        optional[f"slot_{i}"] = (list(SLOTS), {"default": DEFAULT_SLOTS[i - 1],
-                                               "tooltip": f"Which GFE LoRA slot garment {i} uses."})
     return optional
 
 
