@@ -27,6 +27,10 @@ def register_model_folder() -> None:
     import os
 
     default = os.path.join(folder_paths.models_dir, FOLDER)
+    try:  # created up front so a user sees where AnyDressing files go (a read-only install simply skips it)
+        os.makedirs(default, exist_ok=True)
+    except OSError:
+        pass
     if FOLDER in folder_paths.folder_names_and_paths:
         paths, _ = folder_paths.folder_names_and_paths[FOLDER]
         if default not in paths:
