@@ -36,6 +36,37 @@ def fit_and_pad(image: torch.Tensor, height: int, width: int, pad_value: float =
     return out.permute(0, 2, 3, 1)
 
 
+def composite_mask_over_white(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Composite [B, H, W, 3] garments over white where mask is 1.
+
+    mask follows ComfyUI's Load Image convention (1 = transparent, i.e. 1 - alpha), shaped [H, W] or [B|1, H, W];
+    stock Load Image leaves the RGB of a cut-out black where it was transparent, which GarmentsNet would take as
+    garment content. A mask of another size is resized to the image (bilinear), so a single mask serves any batch.
+    """
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    if mask.dim() != 3:
+        raise ValueError(f"expected a MASK tensor [B, H, W]; got shape {tuple(mask.shape)}")
+    if mask.shape[0] not in (1, image.shape[0]):
+        raise ValueError(f"the mask batch has {mask.shape[0]} masks for {image.shape[0]} image(s); give one mask "
+                         f"for all or one per image")
+    m = mask.float().clamp(0.0, 1.0)
+    if tuple(m.shape[1:]) != tuple(image.shape[1:3]):
+        m = F.interpolate(m.unsqueeze(1), size=tuple(image.shape[1:3]), mode="bilinear", align_corners=False)[:, 0]
+    m = m.unsqueeze(-1).to(image.dtype)
+    return image * (1.0 - m) + m
+
+
+def border_darkness(image: torch.Tensor, width: int = 2) -> float:
+    """Share of border pixels (outer `width` rows and columns) that are near black, over the whole batch."""
+    h, w = image.shape[1], image.shape[2]
+    width = max(1, min(width, h // 2 or 1, w // 2 or 1))
+    edge = torch.cat([image[:, :width].reshape(-1, image.shape[-1]), image[:, -width:].reshape(-1, image.shape[-1]),
+                      image[:, :, :width].reshape(-1, image.shape[-1]),
+                      image[:, :, -width:].reshape(-1, image.shape[-1])])
+    return float((edge[:, :3].float().amax(dim=-1) < 0.05).float().mean())
+
+
 MAX_SIDE = 4096  # larger garment photos are first thinned to this, so a huge image never costs gigabytes
 
 
@@ -47,8 +78,11 @@ def thin_huge(image: torch.Tensor, max_side: int = MAX_SIDE) -> tuple[torch.Tens
     return image[:, ::step, ::step, :], step
 
 
-def prepare_garment(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Validate and convert one IMAGE batch to [B, height, width, 3] float32 in [0, 1]."""
+def prepare_garment(image: torch.Tensor, height: int, width: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Validate and convert one IMAGE batch to [B, height, width, 3] float32 in [0, 1].
+
+    mask (optional, 1 = transparent) composites the garment over white first, at the image's own resolution.
+    """
     if image.dim() != 4:
         raise ValueError(f"expected an IMAGE tensor [B, H, W, C]; got shape {tuple(image.shape)}")
     if image.shape[0] == 0:
@@ -59,4 +93,8 @@ def prepare_garment(image: torch.Tensor, height: int, width: int) -> torch.Tenso
     image = image.float()
     if not bool(torch.isfinite(image).all()):
         raise ValueError("the garment image contains NaN or infinite values")
-    return fit_and_pad(to_rgb(image.clamp(0.0, 1.0)), height, width)
+    rgb = to_rgb(image.clamp(0.0, 1.0))
+    if mask is not None:
+        mask, _ = thin_huge(mask.unsqueeze(-1) if mask.dim() == 3 else mask.reshape(1, *mask.shape[-2:], 1))
+        rgb = composite_mask_over_white(rgb, mask[..., 0])
+    return fit_and_pad(rgb, height, width)

@@ -6,7 +6,7 @@ import torch
 
 import folder_paths
 
-from ..anydressing_core.preprocess import MAX_SIDE, prepare_garment
+from ..anydressing_core.preprocess import MAX_SIDE, border_darkness, prepare_garment
 from ..anydressing_core.slots import SLOTS
 from . import apply as apply_mod
 from . import attention_maps as maps_mod
@@ -27,6 +27,10 @@ def register_model_folder() -> None:
     import os
 
     default = os.path.join(folder_paths.models_dir, FOLDER)
+    try:  # created up front so a user sees where AnyDressing files go (a read-only install simply skips it)
+        os.makedirs(default, exist_ok=True)
+    except OSError:
+        pass
     if FOLDER in folder_paths.folder_names_and_paths:
         paths, _ = folder_paths.folder_names_and_paths[FOLDER]
         if default not in paths:
@@ -85,11 +89,15 @@ def _garment_inputs():
                                              "authors ran with the empty prompt (MagicClothing, DreamFit)."}),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-H (the IP-Adapter image encoder). Needed only by "
                                                            "IMAGDressing-v1 files."})}
-    for i in range(2, MAX_GARMENTS + 1):
-        optional[f"image_{i}"] = ("IMAGE", {"tooltip": f"Garment {i} (optional). Any size; a batch adds one garment "
-                                                       f"per image, all with slot_{i}."})
-        optional[f"slot_{i}"] = (list(SLOTS), {"default": DEFAULT_SLOTS[i - 1],
-                                               "tooltip": f"Which GFE LoRA slot garment {i} uses."})
+    for i in range(1, MAX_GARMENTS + 1):
+        if i > 1:
+            optional[f"image_{i}"] = ("IMAGE", {"tooltip": f"Garment {i} (optional). Any size; a batch adds one "
+                                                           f"garment per image, all with slot_{i}."})
+            optional[f"slot_{i}"] = (list(SLOTS), {"default": DEFAULT_SLOTS[i - 1],
+                                                   "tooltip": f"Which GFE LoRA slot garment {i} uses."})
+        optional[f"mask_{i}"] = ("MASK", {"tooltip": f"Transparency of garment {i} (optional): connect Load Image's "
+                                                     f"MASK output for a cut-out PNG. Where it is 1 (transparent) the "
+                                                     f"garment is composited over white before encoding."})
     return optional
 
 
@@ -133,9 +141,17 @@ class EncodeGarments:
             if max(image.shape[1:3]) > MAX_SIDE:
                 warn(f"Encode Garments: image_{i} is {image.shape[2]}x{image.shape[1]}; it is downscaled to at most "
                      f"{MAX_SIDE} pixels a side before fitting it to {width}x{height}")
+            mask = optional.get(f"mask_{i}")
+            if mask is None and image.dim() == 4 and image.shape[-1] == 3 and min(image.shape[1:3]) > 0 \
+                    and border_darkness(image) > 0.8:
+                warn(f"Encode Garments: the border of image_{i} is mostly black; if it is a cut-out with "
+                     f"transparency, connect Load Image's MASK output to mask_{i} so the background becomes white")
             try:
-                prepared = prepare_garment(image, height, width)
+                prepared = prepare_garment(image, height, width, mask)
             except ValueError as e:
+                if "mask" in str(e):
+                    raise NodeError(encode_mod.NODE, f"mask_{i}: {e}; connect the MASK of the Load Image that "
+                                                     f"loads image_{i}") from None
                 raise NodeError(encode_mod.NODE, f"image_{i}: {e}; connect an RGB IMAGE") from None
             images.append(prepared)
             slots.extend([slot] * prepared.shape[0])

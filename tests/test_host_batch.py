@@ -83,3 +83,34 @@ def test_garment_folder_combinations(host, setup):
     assert "Encode Garments ran 2 time(s)" in out  # one per garment set, shared by both seeds
     names = sorted(p.name.rsplit("_", 2)[0] for p in (base / "output" / "b2").glob("*.png"))
     assert names == ["shirt_jeans_s0", "shirt_jeans_s7", "tee_jeans_s0", "tee_jeans_s7"]
+
+
+def test_ctrl_c_interrupts_the_running_prompt_and_records_nothing(host, setup):
+    import signal
+    import time
+
+    base, work = setup
+    wf = json.loads((work / "workflow.json").read_text())
+    wf["sampler"]["inputs"]["steps"] = 100  # ~0.1 s a step here: the second outfit is mid-sampling at the Ctrl-C
+    (work / "slow.json").write_text(json.dumps(wf))
+    host_mod.add_shims_if_needed()
+    cmd = [sys.executable, str(TOOL), "--comfyui", str(host.root), "--workflow", str(work / "slow.json"),
+           "--outfits", str(work / "outfits.csv"), "--out", "b3", "--", "--cpu", "--use-pytorch-cross-attention",
+           "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    manifest = base / "output" / "b3" / "done.jsonl"
+    deadline = time.time() + 300
+    while not (manifest.exists() and manifest.read_text().count("\n") >= 1) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    stopped_in = time.time() - t0
+    assert proc.returncode == 130, out + err
+    lines = [line for line in (out + err).splitlines() if line.startswith("interrupted")]
+    assert lines == ["interrupted: 1 of 3 outfits done; run the same command to continue"]
+    assert "Traceback" not in err
+    assert stopped_in < 10, stopped_in  # at the next step, not after the remaining steps
+    assert manifest.read_text().count("\n") == 1
+    assert [p.name.split("_")[0] for p in (base / "output" / "b3").glob("*.png")] == ["a"]  # nothing partial

@@ -57,6 +57,19 @@ def test_custom_types_and_model_folder(host):
     (host.anydressing_dir() / "listed.safetensors").unlink()
 
 
+def test_model_folder_is_created_at_start_up_when_absent(host, tmp_path):
+    fp = host.folder_paths
+    saved_dir, saved_entry = fp.models_dir, fp.folder_names_and_paths.pop("anydressing")
+    try:
+        fp.models_dir = str(tmp_path)
+        host.pack_module("nodes.node_classes").register_model_folder()
+        assert (tmp_path / "anydressing").is_dir()
+        assert fp.folder_names_and_paths["anydressing"][0] == [str(tmp_path / "anydressing")]
+    finally:
+        fp.models_dir = saved_dir
+        fp.folder_names_and_paths["anydressing"] = saved_entry
+
+
 def test_every_node_has_a_help_page_naming_its_inputs(host):
     from pathlib import Path
 

@@ -197,3 +197,40 @@ def test_partial_load_paths_give_the_same_result(host, store, monkeypatch, budge
     monkeypatch.undo()
     mm.unload_all_models()
     host.executor(fresh=True)
+
+
+def test_rgba_png_through_load_image_composites_over_white_with_its_mask(host, caplog):
+    """A cut-out PNG: stock Load Image leaves RGB black where alpha is 0 and puts 1 - alpha in MASK."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.zeros((64, 48, 4), dtype=np.uint8)
+    rgba[8:56, 8:40] = (200, 30, 30, 255)  # an opaque red garment on a fully transparent (black RGB) background
+    rgba[8:56, 24:40, 3] = 128  # its right half half-transparent
+    name = "adtest_cutout.png"
+    Image.fromarray(rgba, "RGBA").save(os.path.join(host.folder_paths.get_input_directory(), name))
+    image, mask = host.nodes.NODE_CLASS_MAPPINGS["LoadImage"]().load_image(name)
+    assert float(image[0, 0, 0].max()) == 0.0 and float(mask[0, 0, 0]) == 1.0  # what the node receives today
+
+    with caplog.at_level(logging.WARNING):
+        _, black = encode_node(host, image_1=image)
+    assert "the border of image_1 is mostly black; if it is a cut-out with transparency, connect Load Image's " \
+           "MASK output to mask_1" in caplog.text
+    assert float(black[0, 0, 0].max()) == 0.0
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, pixels = encode_node(host, image_1=image, mask_1=mask)
+    assert "mostly black" not in caplog.text
+    assert pixels.shape == (1, 64, 48, 3)
+    assert torch.equal(pixels[0, :8], torch.ones(8, 48, 3))  # transparent border: white, not black
+    assert torch.allclose(pixels[0, 30, 12], torch.tensor([200 / 255, 30 / 255, 30 / 255]), atol=1e-6)  # opaque
+    half = 128 / 255  # alpha; Load Image's mask is 1 - alpha, the composite is rgb * alpha + (1 - alpha)
+    expect = torch.tensor([200, 30, 30]) / 255 * half + (1 - half)
+    assert torch.allclose(pixels[0, 30, 30], expect, atol=1e-5)
+    with pytest.raises(Exception, match=r"Encode Garments: mask_1: the mask batch has 2 masks for 1 image\(s\); "
+                                         r"give one mask for all or one per image; connect the MASK of the Load "
+                                         r"Image that loads image_1"):
+        encode_node(host, image_1=image, mask_1=mask.repeat(2, 1, 1))

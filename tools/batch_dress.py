@@ -152,6 +152,25 @@ def prepare(api: dict, outfit: Outfit, input_dir: Path, out_prefix: str) -> dict
     return p
 
 
+def install_interrupt() -> list[int]:
+    """First Ctrl-C: ComfyUI's own interrupt, so sampling stops at its next step and the prompt saves nothing (the
+    loop then exits without recording it); a second Ctrl-C exits at once. Returns the live count of Ctrl-Cs."""
+    import signal
+
+    import comfy.model_management
+
+    count = [0]
+
+    def on_sigint(signum, frame):
+        count[0] += 1
+        if count[0] > 1:
+            os._exit(130)
+        comfy.model_management.interrupt_current_processing(True)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return count
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     comfy_args = []
@@ -206,7 +225,11 @@ def main(argv=None) -> int:
     executor = execution.PromptExecutor(server, cache_type=execution.CacheType.LRU, cache_size=args.cache_size)
     input_dir = Path(folder_paths.get_input_directory())
     encodes = 0
+    finished = len(outfits) - len(todo)
+    sigints = install_interrupt()
     for outfit in tqdm(todo, desc="dressing", unit="outfit"):
+        if sigints[0]:
+            break
         prompt = prepare(api, outfit, input_dir, args.out)
         pid = str(uuid.uuid4())
         valid = asyncio.run(execution.validate_prompt(pid, prompt, None))
@@ -215,6 +238,8 @@ def main(argv=None) -> int:
         start = len(server.executed)
         executor.execute(prompt, pid, {"client_id": server.client_id,
                                        "extra_pnginfo": {"anydressing_outfit": outfit.record()}}, valid[2])
+        if sigints[0]:  # stopped inside the prompt (nothing saved) or just after it: record nothing either way
+            break
         if not executor.success:
             msgs = [m for m in executor.status_messages if m[0] == "execution_error"]
             detail = msgs[-1][1].get("exception_message", "") if msgs else ""
@@ -223,6 +248,11 @@ def main(argv=None) -> int:
         encodes += sum(1 for n in server.executed[start:] if n in encode_ids)
         with open(manifest, "a", encoding="utf-8") as f:
             f.write(json.dumps(outfit.record()) + "\n")
+        finished += 1
+    if sigints[0]:
+        print(f"interrupted: {finished} of {len(outfits)} outfits done; run the same command to continue",
+              file=sys.stderr, flush=True)
+        return 130
     print(f"done: {len(todo)} outfits, Encode Garments ran {encodes} time(s); images in {out_dir}", flush=True)
     return 0
 

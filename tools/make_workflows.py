@@ -21,8 +21,8 @@ OPENPOSE = {"name": "control_v11p_sd15_openpose_fp16.safetensors",
                    "control_v11p_sd15_openpose_fp16.safetensors",
             "directory": "controlnet"}
 ENCODE_INPUTS = ([("garments_net", "GARMENTS_NET"), ("vae", "VAE"), ("image_1", "IMAGE"), ("clip", "CLIP"),
-                  ("clip_vision", "CLIP_VISION")] +
-                 [(f"image_{i}", "IMAGE") for i in range(2, 7)])
+                  ("clip_vision", "CLIP_VISION"), ("mask_1", "MASK")] +
+                 [(name, typ) for i in range(2, 7) for name, typ in ((f"image_{i}", "IMAGE"), (f"mask_{i}", "MASK"))])
 MASK_INPUTS = ([("garment_features", "GARMENT_FEATURES"), ("pose_keypoint", "POSE_KEYPOINT")] +
                [(f"mask_{i}", "MASK") for i in range(1, 7)])
 
@@ -99,6 +99,7 @@ def common(g: Graph, garments: list[tuple[str, str]], checkpoint: dict = SD15):
     g.link(ckpt, 2, enc, "vae")
     for i, img in enumerate(images, start=1):
         g.link(img, 0, enc, f"image_{i}")
+        g.link(img, 1, enc, f"mask_{i}")  # a cut-out PNG's transparency: composited over white, not left black
     return ckpt, pos, neg, enc
 
 
