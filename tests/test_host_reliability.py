@@ -37,7 +37,7 @@ def test_interrupt_mid_sampling_leaves_no_state(host, store, monkeypatch):
     p["cap_model"] = {"class_type": "ADTestCaptureModel", "inputs": {"key": "patched", "model": ["apply", 0]}}
     r = host.run(p)
     assert not r["success"] and "interrupted" not in store
-    assert cleared and cleared[0] == 16  # the run cache was filled, then emptied in the wrapper's finally
+    assert cleared and cleared[0] == 17  # the run cache (16 K'/V' and the latent shape) was filled, then emptied in the wrapper's finally
     patched = store["patched"]
     assert "anydressing_run_cache" not in patched.model_options["transformer_options"]
     # the next prompt gives the same result as before the interruption

@@ -103,10 +103,17 @@ class _Server:
         self.last_prompt_id = None
         self.sockets_metadata = {}
         self.executed: list[str] = []
+        self.sigints: list[int] = [0]
 
     def send_sync(self, event, data, sid=None):
         if event == "executing" and data.get("node") is not None:
             self.executed.append(data["node"])
+            if self.sigints[0]:
+                # The executor clears ComfyUI's interrupt flag when a prompt starts, so a Ctrl-C that lands between
+                # two prompts would be lost and the next image saved: assert it again before every node.
+                import comfy.model_management
+
+                comfy.model_management.interrupt_current_processing(True)
 
     def queue_updated(self):
         pass
@@ -227,6 +234,7 @@ def main(argv=None) -> int:
     encodes = 0
     finished = len(outfits) - len(todo)
     sigints = install_interrupt()
+    server.sigints = sigints
     for outfit in tqdm(todo, desc="dressing", unit="outfit"):
         if sigints[0]:
             break
