@@ -58,3 +58,17 @@ def dressing_prompt(*, strength: float = 0.7, garments=((1, "upper"), (2, "lower
                                "latent_image": ["latent", 0], "denoise": 1.0}}
     p["capture"] = {"class_type": "ADTestCaptureLatent", "inputs": {"key": capture_key, "samples": ["sampler", 0]}}
     return p
+
+
+def second_apply(model_ref, strength: float = 0.7) -> dict:
+    """A second Encode Garments (one 'shoes' garment) and Apply Dressing-Attention on `model_ref`, for stacking tests."""
+    return {
+        "img9": {"class_type": "ADTestGarmentImage", "inputs": {"seed": 9, "width": 48, "height": 64}},
+        "encode2": {"class_type": "AnyDressingEncodeGarments",
+                    "inputs": {"garments_net": ["gnet", 0], "vae": ["vae", 0], "image_1": ["img9", 0],
+                               "slot_1": "shoes", "width": 48, "height": 64}},
+        "apply2": {"class_type": "AnyDressingApplyDressingAttention",
+                   "inputs": {"model": model_ref, "garment_features": ["encode2", 0], "strength": strength,
+                              "garment_weights": "", "start_percent": 0.0, "end_percent": 1.0,
+                              "apply_to_uncond": "auto"}},
+    }

@@ -267,17 +267,7 @@ def test_batch_of_eight_latents_dresses_every_row(host, store, calls):
 
 # ---- two Apply nodes, Garment Guidance ----
 
-def second_apply(model_ref):
-    return {
-        "img9": {"class_type": "ADTestGarmentImage", "inputs": {"seed": 9, "width": 48, "height": 64}},
-        "encode2": {"class_type": "AnyDressingEncodeGarments",
-                    "inputs": {"garments_net": ["gnet", 0], "vae": ["vae", 0], "image_1": ["img9", 0],
-                               "slot_1": "shoes", "width": 48, "height": 64}},
-        "apply2": {"class_type": "AnyDressingApplyDressingAttention",
-                   "inputs": {"model": model_ref, "garment_features": ["encode2", 0], "strength": 0.7,
-                              "garment_weights": "", "start_percent": 0.0, "end_percent": 1.0,
-                              "apply_to_uncond": "auto"}},
-    }
+second_apply = graphs.second_apply
 
 
 def test_second_apply_adds_a_branch_on_every_layer(host, store, calls):

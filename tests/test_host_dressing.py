@@ -80,18 +80,7 @@ def test_all_zero_masks_equal_unpatched_and_masked_out_garment_has_no_effect(hos
 
 def test_two_apply_nodes_stack(host, store):
     def second(strength):
-        def build(model_ref):
-            return {
-                "img9": {"class_type": "ADTestGarmentImage", "inputs": {"seed": 9, "width": 48, "height": 64}},
-                "encode2": {"class_type": "AnyDressingEncodeGarments",
-                            "inputs": {"garments_net": ["gnet", 0], "vae": ["vae", 0], "image_1": ["img9", 0],
-                                       "slot_1": "shoes", "width": 48, "height": 64}},
-                "apply2": {"class_type": "AnyDressingApplyDressingAttention",
-                           "inputs": {"model": model_ref, "garment_features": ["encode2", 0], "strength": strength,
-                                      "garment_weights": "", "start_percent": 0.0, "end_percent": 1.0,
-                                      "apply_to_uncond": "auto"}},
-            }
-        return build
+        return lambda model_ref: graphs.second_apply(model_ref, strength)
 
     single = run(host, store, "single")
     chained_off = run(host, store, "chained_off", extra_apply=second(0.0))

@@ -15,12 +15,23 @@ pytestmark = [pytest.mark.host, pytest.mark.slow]
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "anydressing_upper_lower.json"
 
 
+def random_vae_state() -> dict:
+    """The SD1.5/SDXL VAE (AutoencoderKL, 4 latent channels) with random fp16 weights, under first_stage_model."""
+    import adtest_tiny
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    adtest_tiny.randomize(vae, 1)
+    return {f"first_stage_model.{k}": v.half() for k, v in vae.state_dict().items()}
+
+
 def write_random_sd15_checkpoint(path: Path) -> None:
     """Every tensor of an SD1.5 checkpoint (UNet, VAE, CLIP-L text model) with random fp16 weights."""
     import adtest_tiny
     import comfy.sd1_clip
     import comfy.supported_models
-    from comfy.ldm.models.autoencoder import AutoencoderKL
     from safetensors.torch import save_file
 
     cfg = adtest_tiny.tiny_unet_config(320)
@@ -29,12 +40,7 @@ def write_random_sd15_checkpoint(path: Path) -> None:
     adtest_tiny.randomize(unet, 0)
     sd.update({f"model.diffusion_model.{k}": v.half() for k, v in unet.state_dict().items()})
     del unet
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-    adtest_tiny.randomize(vae, 1)
-    sd.update({f"first_stage_model.{k}": v.half() for k, v in vae.state_dict().items()})
-    del vae
+    sd.update(random_vae_state())
     clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
     adtest_tiny.randomize(clip, 2)
     for k, v in clip.state_dict().items():
@@ -296,7 +302,6 @@ def write_random_sdxl_checkpoint(path: Path) -> None:
     import adtest_tiny
     import comfy.sdxl_clip
     import comfy.supported_models
-    from comfy.ldm.models.autoencoder import AutoencoderKL
     from safetensors.torch import save_file
 
     config = comfy.supported_models.SDXL(dict(SDXL_UNET))
@@ -305,12 +310,7 @@ def write_random_sdxl_checkpoint(path: Path) -> None:
     adtest_tiny.randomize(model.diffusion_model, 0)
     sd = {f"model.{k}": v.half() for k, v in model.state_dict().items() if k.startswith("diffusion_model.")}
     del model
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-    adtest_tiny.randomize(vae, 1)
-    sd.update({f"first_stage_model.{k}": v.half() for k, v in vae.state_dict().items()})
-    del vae
+    sd.update(random_vae_state())
     clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16)
     adtest_tiny.randomize(clip, 2)
     sd.update(config.process_clip_state_dict_for_saving({k: v.half() for k, v in clip.state_dict().items()}))
