@@ -67,6 +67,7 @@ def border_darkness(image: torch.Tensor, width: int = 2) -> float:
     return float((edge[:, :3].float().amax(dim=-1) < 0.05).float().mean())
 
 
+MIN_SIDE = 64  # smaller garment images carry too little detail: scaled up to the garment resolution they encode a blur
 MAX_SIDE = 4096  # larger garment photos are first thinned to this, so a huge image never costs gigabytes
 
 
@@ -98,3 +99,36 @@ def prepare_garment(image: torch.Tensor, height: int, width: int, mask: torch.Te
         mask, _ = thin_huge(mask.unsqueeze(-1) if mask.dim() == 3 else mask.reshape(1, *mask.shape[-2:], 1))
         rgb = composite_mask_over_white(rgb, mask[..., 0])
     return fit_and_pad(rgb, height, width)
+
+
+def _stats_view(image: torch.Tensor, max_side: int = 256) -> torch.Tensor:
+    """Every s-th pixel, so statistics of a huge image cost little (the checks below need no exact figures)."""
+    step = max(1, -(-max(image.shape[1], image.shape[2]) // max_side))
+    return image[:, ::step, ::step, :].float()
+
+
+def image_warnings(image: torch.Tensor) -> list[str]:
+    """What is odd about a garment IMAGE [B, H, W, C] that still encodes: said in the log, never silently.
+
+    A gray photo (one channel, or three equal ones as Load Image makes of a grayscale PNG) gives GarmentsNet no
+    colour to carry; a near-constant image (a blank, a solid fill) is almost always the wrong image connected.
+    """
+    x = _stats_view(image)
+    if x.numel() == 0 or not bool(torch.isfinite(x).all()):
+        return []
+    notes = []
+    c = x.shape[-1]
+    if c == 1:
+        notes.append("has one channel (grayscale); it is encoded as gray, so the garment's colour comes from the "
+                     "prompt, not the photo")
+    elif c >= 3:
+        rgb = x[..., :3]
+        spread = float((rgb.amax(dim=-1) - rgb.amin(dim=-1)).max())
+        if spread <= 1.0 / 255:
+            notes.append("has no colour (all three channels are equal: a grayscale photo); the garment's colour "
+                         "comes from the prompt, not the photo")
+    flat = x[..., :3].reshape(x.shape[0], -1, min(c, 3)).std(dim=1).amax(dim=-1)  # per image, brightest channel
+    if float(flat.min()) < 0.01:
+        notes.append(f"is nearly one flat colour (pixel standard deviation {float(flat.min()):.4f}); check that the "
+                     f"garment photo, not a blank or solid image, is connected")
+    return notes

@@ -28,6 +28,15 @@ class GarmentMasks:
         return self
 
 
+def same_aspect(w1: int, h1: int, w2: int, h2: int) -> bool:
+    """Equal aspect ratios up to one pixel of rounding on the smaller image (so 1000x1333 matches 576x768)."""
+    if min(w1, h1, w2, h2) <= 0:
+        return False
+    small_w, small_h = (w1, h1) if w1 * h1 <= w2 * h2 else (w2, h2)
+    big_w, big_h = (w2, h2) if (small_w, small_h) == (w1, h1) else (w1, h1)
+    return abs(big_w * small_h / big_h - small_w) <= 1.0 or abs(big_h * small_w / big_w - small_h) <= 1.0
+
+
 def _user_mask(mask: torch.Tensor, index: int, width: int, height: int) -> torch.Tensor:
     m = mask if mask.dim() == 3 else mask.unsqueeze(0)
     if m.shape[0] != 1:
@@ -36,6 +45,12 @@ def _user_mask(mask: torch.Tensor, index: int, width: int, height: int) -> torch
         m = normalize_masks(m)
     except ValueError as e:
         raise NodeError(NODE, f"mask_{index}: {e}; fix the mask that feeds it") from None
+    mh, mw = int(m.shape[-2]), int(m.shape[-1])
+    if not same_aspect(mw, mh, width, height):
+        raise NodeError(NODE, f"mask_{index} is {mw}x{mh} pixels (aspect {mw / mh:.3f}) but the masks are made at "
+                              f"width x height = {width}x{height} (aspect {width / height:.3f}); stretching it would "
+                              f"move the garment's region: set width and height to the size of the image the mask "
+                              f"was drawn on, or crop the mask to {width}x{height}'s aspect first")
     if m.shape[-2:] != (height, width):
         m = F.interpolate(m.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False).squeeze(1)
     return m[0]

@@ -6,7 +6,7 @@ import torch
 
 import folder_paths
 
-from ..anydressing_core.preprocess import MAX_SIDE, border_darkness, prepare_garment
+from ..anydressing_core.preprocess import MAX_SIDE, MIN_SIDE, border_darkness, image_warnings, prepare_garment
 from ..anydressing_core.slots import SLOTS
 from . import apply as apply_mod
 from . import attention_maps as maps_mod
@@ -40,6 +40,36 @@ def register_model_folder() -> None:
         folder_paths.folder_names_and_paths[FOLDER] = ([default], set(folder_paths.supported_pt_extensions))
 
 
+_EXTRA_OK: dict[tuple[str, float, int], bool] = {}  # (path, mtime, size) -> holds only Dressing-Attention weights
+
+
+def extra_weights_files() -> list[str]:
+    """Files of models/anydressing/ that hold only Dressing-Attention weights (e.g. ip_layer.pth).
+
+    Read by key names only (no tensor data) and remembered per file version, so the editor's node list stays fast.
+    """
+    import os
+
+    from ..anydressing_core.formats import FormatError, holds_only_dressing_weights, read_keys
+
+    found = []
+    for name in folder_paths.get_filename_list(FOLDER):
+        path = folder_paths.get_full_path(FOLDER, name)
+        try:
+            st = os.stat(path)
+        except (OSError, TypeError):
+            continue
+        key = (path, st.st_mtime, st.st_size)
+        if key not in _EXTRA_OK:
+            try:
+                _EXTRA_OK[key] = holds_only_dressing_weights(*read_keys(path))
+            except FormatError:
+                _EXTRA_OK[key] = False
+        if _EXTRA_OK[key]:
+            found.append(name)
+    return found
+
+
 class LoadGarmentsNet:
     DESCRIPTION = ("Loads GarmentsNet, the UNet that encodes garments (AnyDressing, run once at t=0), with its per-slot "
                    "Garment-Specific Feature Extractor LoRA and Dressing-Attention weights from an AnyDressing "
@@ -62,7 +92,7 @@ class LoadGarmentsNet:
             "optional": {
                 "model": ("MODEL", {"tooltip": "Your SD1.5-family checkpoint's MODEL (SDXL: 'training-free' only). Needed for 'training-free' and "
                                                "for files that hold only LoRA / Dressing-Attention weights."}),
-                "extra_weights_name": (["none"] + folder_paths.get_filename_list(FOLDER), {
+                "extra_weights_name": (["none"] + extra_weights_files(), {
                     "default": "none",
                     "tooltip": "A second file with Dressing-Attention weights for the first one, e.g. MagicClothing's "
                                "ip_layer.pth next to garment_extractor.safetensors ('stable')."}),
@@ -138,6 +168,14 @@ class EncodeGarments:
             if image is None:
                 continue
             slot = slot_1 if i == 1 else optional.get(f"slot_{i}", DEFAULT_SLOTS[i - 1])
+            if image.dim() == 4 and 0 < min(image.shape[1:3]) < MIN_SIDE:
+                raise NodeError(encode_mod.NODE, f"image_{i} is {image.shape[2]}x{image.shape[1]} pixels; a garment "
+                                                 f"image needs at least {MIN_SIDE} pixels on each side (it is "
+                                                 f"scaled to {width}x{height} and would encode as a blur): load a "
+                                                 f"larger photo of garment {i}")
+            if image.dim() == 4:
+                for note in image_warnings(image):
+                    warn(f"Encode Garments: image_{i} {note}")
             if max(image.shape[1:3]) > MAX_SIDE:
                 warn(f"Encode Garments: image_{i} is {image.shape[2]}x{image.shape[1]}; it is downscaled to at most "
                      f"{MAX_SIDE} pixels a side before fitting it to {width}x{height}")

@@ -28,7 +28,7 @@ def dressing_prompt(*, strength: float = 0.7, garments=((1, "upper"), (2, "lower
         enc = {"garments_net": ["gnet", 0], "vae": ["vae", 0], "width": garment_size[0], "height": garment_size[1]}
         for i, garment in enumerate(garments, start=1):
             img_seed, slot = garment[0], garment[1]
-            w, h = garment[2:4] if len(garment) >= 4 else (48, 64)
+            w, h = garment[2:4] if len(garment) >= 4 else (64, 80)  # the photo; encoded at garment_size
             p[f"img{i}"] = {"class_type": "ADTestGarmentImage", "inputs": {"seed": img_seed, "width": w, "height": h}}
             enc[f"image_{i}"] = [f"img{i}", 0]
             enc[f"slot_{i}"] = slot
@@ -63,7 +63,7 @@ def dressing_prompt(*, strength: float = 0.7, garments=((1, "upper"), (2, "lower
 def second_apply(model_ref, strength: float = 0.7) -> dict:
     """A second Encode Garments (one 'shoes' garment) and Apply Dressing-Attention on `model_ref`, for stacking tests."""
     return {
-        "img9": {"class_type": "ADTestGarmentImage", "inputs": {"seed": 9, "width": 48, "height": 64}},
+        "img9": {"class_type": "ADTestGarmentImage", "inputs": {"seed": 9, "width": 64, "height": 80}},
         "encode2": {"class_type": "AnyDressingEncodeGarments",
                     "inputs": {"garments_net": ["gnet", 0], "vae": ["vae", 0], "image_1": ["img9", 0],
                                "slot_1": "shoes", "width": 48, "height": 64}},

@@ -82,7 +82,8 @@ def test_converter_writes_native_fp16(tmp_path):
     assert r.returncode == 2 and "needs code to load" in r.stderr  # the pickle holds an object: refused
     r = subprocess.run(cmd + ["--trust-pickle-code"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "1 UNet tensors, 0 LoRA slot(s), 16 Dressing-Attention layer(s), injection dressing" in r.stdout
+    assert ("1 UNet tensors, 0 LoRA slot(s), 16 Dressing-Attention layer(s); garments enter the MODEL as additive "
+            "Dressing-Attention (eq. 6)") in r.stdout
     c = read_native(str(out))
     assert c.unet_naming == "diffusers" and c.metadata["injection"] == "dressing"
     assert all(t.dtype == torch.float16 for t in c.unet.values())

@@ -32,7 +32,7 @@ def setup(host):
     (work / "garments" / "lower").mkdir(parents=True)
     rng = np.random.default_rng(0)
     for rel in ("garments/upper/tee.png", "garments/upper/shirt.png", "garments/lower/jeans.png"):
-        Image.fromarray((rng.random((80, 60, 3)) * 255).astype(np.uint8)).save(work / rel)
+        Image.fromarray((rng.random((80, 64, 3)) * 255).astype(np.uint8)).save(work / rel)
     wf = graphs.dressing_prompt(garments=((1, "upper"),), latent_w=64, latent_h=64)
     wf.pop("capture")
     wf["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["vae", 0]}}

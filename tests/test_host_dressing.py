@@ -105,7 +105,7 @@ def test_another_packs_attn1_replacement_is_called_not_dropped(host, store):
 def test_cfg_one_batches_and_aspect_ratios(host, store):
     plain = run(host, store, "p", patched=False, cfg=1.0, batch=2, latent_w=48, latent_h=72)
     dressed = run(host, store, "d", cfg=1.0, batch=2, latent_w=48, latent_h=72,
-                  garments=((1, "upper", 30, 90), (2, "dress", 120, 40)))
+                  garments=((1, "upper", 64, 190), (2, "dress", 240, 80)))
     assert dressed.shape == (2, 4, 9, 6)
     assert rel(dressed, plain) > 1e-2
     assert torch.isfinite(dressed).all()

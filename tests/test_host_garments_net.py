@@ -48,6 +48,8 @@ def run(host, store, key, **kw):
 def run_error(host, **kw) -> str:
     r = host.run(graphs.dressing_prompt(**kw))
     assert not r["success"]
+    # the type ComfyUI shows next to the message: plain, not a module path built from the install folder
+    assert r["errors"][0]["exception_type"] == "NodeError", r["errors"][0]["exception_type"]
     return r["errors"][0]["exception_message"].strip()
 
 

@@ -70,7 +70,8 @@ def test_pose_and_mask_errors(host):
     assert msg == "[AnyDressing] Garment Masks: garment 2 (bag): slot 'bag' has no pose rule; give it a mask or a box"
     # masks of another aspect ratio than the generated image
     p = graphs.dressing_prompt(masks=[(0, 0, 1, 1, 1.0), (0, 0, 1, 1, 1.0)])
-    p["masks"]["inputs"].update(width=64, height=128)
+    for node in ("masks", "mask1", "mask2"):  # masks drawn at 64x128 (Garment Masks accepts its own aspect)
+        p[node]["inputs"].update(width=64, height=128)
     msg = error(p)
     assert msg == ("[AnyDressing] Apply Dressing-Attention: the garment masks are 64x128 (WxH) but the image being "
                    "generated is 64x64 (latent 8x8); make the masks the size of the generated image")
@@ -103,6 +104,33 @@ def test_attention_maps_sum_as_the_softmax_says(host, store):
     assert float(maps[0, :, 40:].max()) < 0.15 and float(maps[1, :, :24].max()) < 0.15
     assert float(maps[0, :, :24].min()) > 0.85 and float(maps[1, :, 40:].min()) > 0.85
     torch.testing.assert_close(maps.sum(0), torch.ones(64, 64), atol=1e-5, rtol=0)  # every pixel sees a garment
+
+
+def test_encode_and_maps_tick_comfyui_progress_bar_per_layer(host):
+    """The node's bar in the editor moves per layer, as KSampler's does per step (ComfyUI's progress hook)."""
+    import adtest_tiny
+    import comfy.utils
+    from comfy_execution.utils import get_executing_context
+
+    layers = len(host.pack_module("nodes.glue").self_attention_layers(
+        adtest_tiny.tiny_model_patcher(0).model.diffusion_model))
+    ticks: dict = {}
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        ctx = get_executing_context()
+        ticks.setdefault(node_id or (ctx.node_id if ctx else None), []).append((value, total))
+
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        r = host.run(maps_prompt(garments=((31, "upper"), (32, "lower"))))  # new garments: nothing cached
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    assert r["success"], r["errors"]
+    assert layers == 16
+    assert ticks["encode"] == [(i, layers) for i in range(1, layers + 1)]
+    assert ticks["maps"] == [(i, layers) for i in range(1, layers + 1)]  # one Apply: one branch per layer
+    assert len(ticks["sampler"]) == 2  # KSampler's own, for comparison: one per step
 
 
 def test_changing_garment_2_leaves_every_layer_outside_its_mask_bit_identical(host):

@@ -112,3 +112,13 @@ def host_mod_repo():
     import host as host_mod
 
     return host_mod.REPO
+
+
+def test_node_errors_show_a_plain_stable_type_name_and_survive_pickling(host):
+    import pickle
+
+    glue = host.pack_module("nodes.glue")
+    err = glue.NodeError("Encode Garments", "image_1: something to fix")
+    assert host.execution.full_type_name(type(err)) == "NodeError"  # what ComfyUI prints as the exception type
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is type(err) and str(back) == "[AnyDressing] Encode Garments: image_1: something to fix"

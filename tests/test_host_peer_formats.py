@@ -59,6 +59,11 @@ def test_magicclothing_garment_unet_runs_in_concat_mode(host, store):
     assert "garment masks and weights need Dressing-Attention weights" in msg
 
 
+def choices_now(host) -> list:
+    return host.nodes.NODE_CLASS_MAPPINGS["AnyDressingLoadGarmentsNet"].INPUT_TYPES()["optional"][
+        "extra_weights_name"][0]
+
+
 def test_magicclothing_stable_extractor_plus_ip_layer(host, store):
     sd, dsd = diffusers_sd(0)
     save_file(dsd, str(host.anydressing_dir() / "garment_extractor.safetensors"))
@@ -71,6 +76,14 @@ def test_magicclothing_stable_extractor_plus_ip_layer(host, store):
     # reference: the same extractor, W' left to the paper's init (the MODEL's own W_k/W_v, equal to the ip layers)
     write_native(str(host.anydressing_dir() / "extractor_only.safetensors"), unet=dsd,
                  extra_metadata={"text_context": "1"})
+    choices = host.nodes.NODE_CLASS_MAPPINGS["AnyDressingLoadGarmentsNet"].INPUT_TYPES()["optional"]
+    extra_choices = choices["extra_weights_name"][0]
+    assert extra_choices[0] == "none" and "ip_layer.pth" in extra_choices  # W_k'/W_v' only: offered
+    assert not {"garment_extractor.safetensors", "extractor_only.safetensors"} & set(extra_choices)  # UNets: not
+    write_native(str(host.anydressing_dir() / "dressing_only.safetensors"),
+                 dressing={path_from_key(k): (ip[f"{2 * i}.to_k_ip.weight"], ip[f"{2 * i}.to_v_ip.weight"])
+                           for i, k in enumerate(DIFFUSERS_ATTN1_ORDER)})
+    assert "dressing_only.safetensors" in choices_now(host)
     stable = run(host, store, "stable", clip=True, gnet_name="garment_extractor.safetensors",
                  extra_weights="ip_layer.pth")
     ref = run(host, store, "ref", clip=True, gnet_name="extractor_only.safetensors")

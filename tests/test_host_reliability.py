@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import random
 
 import pytest
@@ -49,7 +50,7 @@ def test_two_apply_branches_of_one_graph_do_not_see_each_other(host, store):
     a = run(host, store, "a", garments=((1, "upper"),))
     b = run(host, store, "b", garments=((5, "lower"),))
     p = graphs.dressing_prompt(capture_key="a2", garments=((1, "upper"),))
-    p["img_b"] = {"class_type": "ADTestGarmentImage", "inputs": {"seed": 5, "width": 48, "height": 64}}
+    p["img_b"] = {"class_type": "ADTestGarmentImage", "inputs": {"seed": 5, "width": 64, "height": 80}}
     p["enc_b"] = {"class_type": "AnyDressingEncodeGarments",
                   "inputs": {"garments_net": ["gnet", 0], "vae": ["vae", 0], "image_1": ["img_b", 0],
                              "slot_1": "lower", "width": 48, "height": 64}}
@@ -89,34 +90,68 @@ def encode_node(host, **images):
     return cls().encode(gnet, adtest_tiny.tiny_vae(0), slot_1="upper", width=48, height=64, **images)
 
 
-def test_odd_images_are_converted(host, caplog):
+def test_odd_images_are_converted_and_said(host, caplog):
     g = torch.Generator().manual_seed(0)
-    gray = torch.rand(1, 40, 30, 1, generator=g)
-    rgba = torch.rand(1, 50, 20, 4, generator=g)
-    tiny_img = torch.rand(1, 1, 1, 3, generator=g)
+    gray = torch.rand(1, 80, 64, 1, generator=g)
+    rgba = torch.rand(1, 100, 64, 4, generator=g)
+    flat = torch.full((1, 64, 64, 3), 0.5) + 0.002 * torch.rand(1, 64, 64, 3, generator=g)
     huge = torch.rand(1, 1, 1, 3, generator=g).expand(1, 10000, 10000, 3)  # a view: no 1.2 GB allocation
     with caplog.at_level(logging.WARNING):
-        feats, pixels = encode_node(host, image_1=gray, image_2=rgba, slot_2="lower", image_3=tiny_img,
+        feats, pixels = encode_node(host, image_1=gray, image_2=rgba, slot_2="lower", image_3=flat,
                                     slot_3="hat", image_4=huge, slot_4="bag")
     assert feats.count == 4 and pixels.shape == (4, 64, 48, 3)
     assert "image_4 is 10000x10000; it is downscaled to at most 4096 pixels a side" in caplog.text
     assert torch.isfinite(pixels).all() and float(pixels.min()) >= 0 and float(pixels.max()) <= 1
+    assert "Encode Garments: image_1 has one channel (grayscale); it is encoded as gray, so the garment's colour " \
+           "comes from the prompt, not the photo" in caplog.text
+    std = float(flat.reshape(-1, 3).std(dim=0).max())
+    assert f"Encode Garments: image_3 is nearly one flat colour (pixel standard deviation {std:.4f}); check that " \
+           f"the garment photo, not a blank or solid image, is connected" in caplog.text
+    assert "image_4 is nearly one flat colour (pixel standard deviation 0.0000)" in caplog.text
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not any("image_2" in m for m in warned), warned  # a colourful RGBA garment passes without a word
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        encode_node(host, image_1=torch.rand(1, 80, 64, 1, generator=g).repeat(1, 1, 1, 3))
+    assert "image_1 has no colour (all three channels are equal: a grayscale photo)" in caplog.text
+
+
+@pytest.mark.parametrize("size", [(1, 1), (63, 200), (200, 63)])
+def test_too_small_garment_images_are_refused_naming_the_garment(host, size):
+    w, h = size
+    g = torch.Generator().manual_seed(1)
+    with pytest.raises(Exception, match=re.escape(
+            f"[AnyDressing] Encode Garments: image_2 is {w}x{h} pixels; a garment image needs at least 64 pixels on "
+            f"each side (it is scaled to 48x64 and would encode as a blur): load a larger photo of garment 2")):
+        encode_node(host, image_1=torch.rand(1, 64, 64, 3, generator=g), image_2=torch.rand(1, h, w, 3, generator=g),
+                    slot_2="lower")
 
 
 def test_bad_images_and_masks_get_node_errors(host):
     with pytest.raises(Exception, match=r"\[AnyDressing\] Encode Garments: image_1: the garment image contains NaN "
                                          r"or infinite values; connect an RGB IMAGE"):
-        encode_node(host, image_1=torch.full((1, 8, 8, 3), float("nan")))
+        encode_node(host, image_1=torch.full((1, 64, 64, 3), float("nan")))
     with pytest.raises(Exception, match=r"Encode Garments: image_1: the garment image batch is empty"):
-        encode_node(host, image_1=torch.zeros(0, 8, 8, 3))
+        encode_node(host, image_1=torch.zeros(0, 64, 64, 3))
     with pytest.raises(Exception, match=r"Encode Garments: 17 garments given; at most 16"):
-        encode_node(host, image_1=torch.rand(17, 8, 8, 3))
+        encode_node(host, image_1=torch.rand(17, 64, 64, 3))
     masks = host.nodes.NODE_CLASS_MAPPINGS["AnyDressingGarmentMasks"]()
     with pytest.raises(Exception, match=r"\[AnyDressing\] Garment Masks: mask_1: garment masks contain NaN or "
                                          r"infinite values; fix the mask that feeds it"):
         masks.build(64, 64, 0, 0, 0, mask_1=torch.full((1, 8, 8), float("inf")))
     with pytest.raises(Exception, match=r"Garment Masks: no garment to build a mask for"):
         masks.build(64, 64, 0, 0, 0)
+    with pytest.raises(Exception, match=re.escape(
+            "[AnyDressing] Garment Masks: mask_2 is 512x512 pixels (aspect 1.000) but the masks are made at width x "
+            "height = 576x768 (aspect 0.750); stretching it would move the garment's region: set width and height to "
+            "the size of the image the mask was drawn on, or crop the mask to 576x768's aspect first")):
+        masks.build(576, 768, 0, 0, 0, mask_1=torch.ones(1, 768, 576), mask_2=torch.ones(1, 512, 512))
+    same_shape = torch.zeros(1, 1333, 1000)  # a phone-size mask of the same 3:4 shape is scaled, not refused
+    same_shape[:, :667] = 1.0
+    _, built = masks.build(576, 768, 0, 0, 0, mask_1=same_shape)
+    assert built.shape == (1, 768, 576)
+    assert float(built[0, :380].min()) == 1.0 and float(built[0, 388:].max()) == 0.0
 
 
 def test_fuzzed_files_through_load_garments_net_and_encode(host):
@@ -159,8 +194,8 @@ def test_sixteen_bit_png_through_load_image(host, store):
 
     inputs = host.base / "input"
     inputs.mkdir(parents=True, exist_ok=True)
-    ramp = (np.linspace(0, 65535, 48 * 64).reshape(64, 48)).astype(np.uint16)
-    img = Image.new("I;16", (48, 64))
+    ramp = (np.linspace(0, 65535, 64 * 80).reshape(80, 64)).astype(np.uint16)
+    img = Image.new("I;16", (64, 80))
     img.frombytes(ramp.tobytes())
     img.save(inputs / "garment16.png")
     assert Image.open(inputs / "garment16.png").mode.startswith("I")
@@ -206,9 +241,9 @@ def test_rgba_png_through_load_image_composites_over_white_with_its_mask(host, c
     import numpy as np
     from PIL import Image
 
-    rgba = np.zeros((64, 48, 4), dtype=np.uint8)
-    rgba[8:56, 8:40] = (200, 30, 30, 255)  # an opaque red garment on a fully transparent (black RGB) background
-    rgba[8:56, 24:40, 3] = 128  # its right half half-transparent
+    rgba = np.zeros((128, 96, 4), dtype=np.uint8)  # encoded at 48x64: half size
+    rgba[16:112, 16:80] = (200, 30, 30, 255)  # an opaque red garment on a fully transparent (black RGB) background
+    rgba[16:112, 48:80, 3] = 128  # its right half half-transparent
     name = "adtest_cutout.png"
     Image.fromarray(rgba, "RGBA").save(os.path.join(host.folder_paths.get_input_directory(), name))
     image, mask = host.nodes.NODE_CLASS_MAPPINGS["LoadImage"]().load_image(name)
@@ -225,7 +260,7 @@ def test_rgba_png_through_load_image_composites_over_white_with_its_mask(host, c
         _, pixels = encode_node(host, image_1=image, mask_1=mask)
     assert "mostly black" not in caplog.text
     assert pixels.shape == (1, 64, 48, 3)
-    assert torch.equal(pixels[0, :8], torch.ones(8, 48, 3))  # transparent border: white, not black
+    assert torch.equal(pixels[0, :6], torch.ones(6, 48, 3))  # transparent border: white, not black
     assert torch.allclose(pixels[0, 30, 12], torch.tensor([200 / 255, 30 / 255, 30 / 255]), atol=1e-6)  # opaque
     half = 128 / 255  # alpha; Load Image's mask is 1 - alpha, the composite is rgb * alpha + (1 - alpha)
     expect = torch.tensor([200, 30, 30]) / 255 * half + (1 - half)

@@ -63,7 +63,7 @@ def test_shipped_workflow_on_a_full_size_random_sd15(host, store):
     inputs = host.base / "input"
     inputs.mkdir(parents=True, exist_ok=True)
     for i, node in enumerate(n for n in api.values() if n["class_type"] == "LoadImage"):
-        pixels = (torch.rand(90, 60, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()
+        pixels = (torch.rand(96, 64, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()
         Image.fromarray(pixels).save(inputs / node["inputs"]["image"])
 
     def prepared(strength: float, key: str) -> dict:
@@ -330,7 +330,7 @@ def test_sdxl_training_free_workflow_on_a_full_size_random_sdxl(host, store):
     inputs = host.base / "input"
     inputs.mkdir(parents=True, exist_ok=True)
     for i, node in enumerate(n for n in api.values() if n["class_type"] == "LoadImage"):
-        pixels = (torch.rand(90, 60, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()
+        pixels = (torch.rand(96, 64, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()
         Image.fromarray(pixels).save(inputs / node["inputs"]["image"])
     apply_id = next(n for n, v in api.items() if v["class_type"] == "AnyDressingApplyDressingAttention")
     sampler_id = next(n for n, v in api.items() if v["class_type"] == "KSampler")

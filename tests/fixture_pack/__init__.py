@@ -65,8 +65,8 @@ class GarmentImage:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0}), "width": ("INT", {"default": 48}),
-                             "height": ("INT", {"default": 64})}}
+        return {"required": {"seed": ("INT", {"default": 0}), "width": ("INT", {"default": 64}),
+                             "height": ("INT", {"default": 80})}}
 
     def run(self, seed, width, height):
         return (tiny.garment_image(seed, width, height),)
