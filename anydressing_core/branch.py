@@ -38,16 +38,19 @@ class AttentionProbe:
     mass is [N, rows, tokens] for the rows that see the garments. Not a dict, so ComfyUI's option copies keep it.
     """
 
-    def __init__(self, keep_grad: bool = False):
+    def __init__(self, keep_grad: bool = False, on_record: Optional[Callable[[], None]] = None):
         self.maps: dict = {}
         self.order: list = []
         self.keep_grad = keep_grad  # training: the localization loss backpropagates through A_k
+        self.on_record = on_record  # progress: called once per recorded (branch, layer)
 
     def record(self, branch: "DressingBranch", key: LayerKey, mass: torch.Tensor, grid: tuple[int, int]) -> None:
         if branch not in self.maps:
             self.maps[branch] = {}
             self.order.append(branch)
         self.maps[branch][key] = (mass if self.keep_grad else mass.detach().float().cpu(), grid)
+        if self.on_record is not None:
+            self.on_record()
 
     def __deepcopy__(self, memo):
         return self

@@ -21,6 +21,14 @@ from .layers import path_from_key
 from .native_format import FormatError, NativeContents, write_native
 
 
+# The README's model-table words for each way garments enter the MODEL (metadata 'injection').
+MODE_WORDS = {
+    "dressing": "additive Dressing-Attention (eq. 6)",
+    "concat": "MagicClothing concat (garment tokens joined to the latent tokens)",
+    "separate": "DreamFit separate (each garment attended separately and summed)",
+}
+
+
 def _read(path: str, trust_pickle_code: bool):
     if trust_pickle_code and path.lower().endswith((".pt", ".pth", ".ckpt", ".bin")):
         from .formats import _flatten
@@ -69,9 +77,11 @@ def main(argv=None) -> int:
     except FormatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    injection = contents.metadata.get("injection", "dressing")
     print(f"wrote {args.output}: {len(contents.unet)} UNet tensors, {len(contents.loras)} LoRA slot(s), "
-          f"{len(contents.dressing)} Dressing-Attention layer(s), injection {contents.metadata.get('injection')}"
-          + (f", image resampler ({len(contents.image_proj)} tensors)" if contents.image_proj else ""))
+          f"{len(contents.dressing)} Dressing-Attention layer(s); garments enter the MODEL as "
+          f"{MODE_WORDS.get(injection, injection)}"
+          + (f"; image resampler ({len(contents.image_proj)} tensors)" if contents.image_proj else ""))
     return 0
 
 

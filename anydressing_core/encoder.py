@@ -24,7 +24,9 @@ def extra_key(extra: dict) -> LayerKey:
 
 
 class GarmentEncodeHooks:
-    def __init__(self, row_slots: list[str], loras: SlotLoRAs, self_attention: SelfAttentionFn):
+    def __init__(self, row_slots: list[str], loras: SlotLoRAs, self_attention: SelfAttentionFn,
+                 on_layer: Optional[Callable[[], None]] = None):
+        self.on_layer = on_layer  # progress: called once per captured layer
         self.row_slots = list(row_slots)
         self.loras = loras
         self.self_attention = self_attention
@@ -43,6 +45,8 @@ class GarmentEncodeHooks:
         if shape is not None:
             self.grids[key] = (int(shape[-2]), int(shape[-1]))
         self._last_n = n
+        if self.on_layer is not None:
+            self.on_layer()
         return n, context, value
 
     def gfe_replace(self, q, k, v, extra):

@@ -235,3 +235,36 @@ def load_contents(path: str, extra_path: Optional[str] = None) -> NativeContents
         contents.dressing.update(extra.dressing)
         contents.metadata["injection"] = "dressing"  # MagicClothing 'stable': extractor + additive ip layers
     return contents
+
+
+def read_keys(path: str) -> tuple[list[str], dict[str, str]]:
+    """The tensor names and metadata of a file without reading its tensors (pickles through a memory map).
+
+    Raises FormatError for a file that cannot be opened that way (legacy pickles, damaged files).
+    """
+    name = os.path.basename(path)
+    try:
+        if path.lower().endswith(PICKLE_EXTENSIONS):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return list(_flatten(obj, name)), {}
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return list(f.keys()), dict(f.metadata() or {})
+    except FormatError:
+        raise
+    except Exception as e:
+        raise FormatError(f"{name}: keys not readable ({type(e).__name__})") from None
+
+
+def holds_only_dressing_weights(keys: list[str], metadata: Optional[dict]) -> bool:
+    """A file fit for a second 'extra weights' file: W_k'/W_v' only (MagicClothing's ip_layer.pth, or a native file
+    holding just dressing.* tensors), no UNet and no LoRA."""
+    if not keys:
+        return False
+    if is_native(metadata, keys):
+        return all(_NATIVE_DRESSING.match(k) for k in keys)
+    return all(_IP_LAYER.match(k) for k in keys)
+
+
+_NATIVE_DRESSING = re.compile(r"^dressing\.(.+)\.attn1\.to_[kv]\.weight$")

@@ -69,7 +69,9 @@ def attention_maps(model: Any, positive: Any, latent: dict, at_percent: float, s
                                    "map")
     samples = latent["samples"]
     m = model.clone()
-    probe = AttentionProbe()
+    replaces = [r for r in to.get("patches_replace", {}).get("attn1", {}).values()
+                if isinstance(r, DressingAttentionReplace)]
+    probe = AttentionProbe(on_record=glue.progress_bar(sum(len(r.branches) for r in replaces)))
     m.model_options.setdefault("transformer_options", {})[PROBE_KEY] = probe
     model_sampling = m.get_model_object("model_sampling")
     sigma = min(glue.percent_to_sigma(m, at_percent), float(model_sampling.sigma_max))

@@ -83,7 +83,8 @@ def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str], clip=
     context_dim = int(model.model_config.unet_config.get("context_dim", 768))
     timesteps = torch.zeros((n,), device=device, dtype=torch.float32)
 
-    hooks = GarmentEncodeHooks(row_slots, gnet.loras, glue.self_attention)
+    progress = glue.progress_bar(len(blocks))  # one tick per layer, like KSampler's per step
+    hooks = GarmentEncodeHooks(row_slots, gnet.loras, glue.self_attention, on_layer=progress)
     if image_ctx is not None:
         context = image_ctx.to(device=device, dtype=dtype)
         transformer_options = {"patches": {"attn1_patch": [hooks.capture]}, "patches_replace": {}}

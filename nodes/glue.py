@@ -10,6 +10,7 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.utils
 
 from ..anydressing_core.branch import (RUN_CACHE_KEY, WEIGHTS_GENERATION_KEY, DressedLayers, DressingAttentionReplace,
                                       DressingBranch, RunCache, WeightsGeneration, restore_dressing)
@@ -26,6 +27,20 @@ class NodeError(Exception):
 
     def __init__(self, node: str, message: str):
         super().__init__(f"[AnyDressing] {node}: {message}")
+        self.node, self.detail = node, message
+
+    def __reduce__(self):  # pickled by value through this module, whatever __module__ says
+        return (_node_error, (self.node, self.detail))
+
+
+# ComfyUI shows an error's type as module + name; our module path is built from the install folder
+# ("custom_nodes.ComfyUI-AnyDressing.nodes.glue" or a hashed name), so the UI, the API and the logs would show a
+# different type per install. As a builtin-module name it shows as plain "NodeError" everywhere.
+NodeError.__module__ = "builtins"
+
+
+def _node_error(node: str, message: str) -> NodeError:
+    return NodeError(node, message)
 
 
 def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -159,3 +174,16 @@ def warn(msg: str) -> None:
 def info(msg: str) -> None:
     LOG.info("[AnyDressing] %s", msg)
 
+
+
+def progress_bar(total: int):
+    """A tick function on ComfyUI's progress bar (the node's bar in the editor, like KSampler's steps)."""
+    bar = comfy.utils.ProgressBar(max(1, int(total)))
+    done = {"n": 0}
+
+    def tick() -> None:
+        if done["n"] < bar.total:  # never past 100%, even if a model evaluates a layer twice
+            done["n"] += 1
+            bar.update(1)
+
+    return tick
