@@ -281,3 +281,22 @@ def test_validation_errors_are_lines_naming_node_input_and_reason(fresh):
                     f"  node 10 (KSampler), input sampler_name: 'dpm' is not one of: {shown}"]
     assert "{" not in "\n".join(tail)
     assert not (fresh / "output" / "bad" / "done.jsonl").exists()
+
+
+def test_readme_workflow_to_api_command_on_a_fresh_comfyui(fresh, host):
+    """The README's conversion command, from the ComfyUI folder (ComfyUI's node definitions, no server)."""
+    import shlex
+    import shutil
+
+    from anydressing_core.workflow_api import to_api
+
+    line = next(l for l in README.read_text().splitlines()
+                if l.startswith("python custom_nodes/ComfyUI-AnyDressing/tools/workflow_to_api.py"))
+    cmd = [sys.executable] + shlex.split(line)[1:] + COMFY_FLAGS
+    src = host_mod.REPO / "workflows" / "anydressing_with_lora.json"
+    shutil.copyfile(src, fresh / "my_workflow.json")
+    r = subprocess.run(cmd, cwd=fresh, capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert r.returncode == 0 and r.stdout == "", r.stdout + r.stderr[-3000:]
+    api = json.loads((fresh / "my_workflow_api.json").read_text())
+    assert r.stderr.splitlines()[-1] == f"wrote my_workflow_api.json: {len(json.loads(src.read_text())['nodes'])} nodes"
+    assert api == to_api(json.loads(src.read_text()), host.nodes.NODE_CLASS_MAPPINGS)
