@@ -1,4 +1,5 @@
-"""Host: the batch dressing command, headless through ComfyUI's executor: CSV and folder outfits, resume, reuse."""
+"""Host: the batch dressing command, headless through ComfyUI's executor: CSV and folder outfits, resume, reuse; the
+README's batch and conversion commands run as written in a fresh ComfyUI folder with a random SD1.5 checkpoint."""
 
 from __future__ import annotations
 

@@ -2,14 +2,17 @@
 
     python custom_nodes/ComfyUI-AnyDressing/tools/batch_dress.py \\
         --workflow custom_nodes/ComfyUI-AnyDressing/workflows/anydressing_upper_lower.json \\
-        --outfits outfits.csv --out batch1            # run from the ComfyUI folder, with ComfyUI's Python
+        --outfits outfits.csv --out batch1 --checkpoint my_sd15.safetensors   # from the ComfyUI folder
 
 Outfits come from a CSV (columns: id, upper, lower, dress, shoes, hat, bag, other = garment image paths, prompt,
 negative, seed; any subset of the slot columns) or from a folder with one sub-folder per slot (--garments DIR: every
 combination of one image per sub-folder, with --prompt and --seeds). Images go to ComfyUI's output/<out>/ with the
 outfit in the PNG metadata ("anydressing_outfit"). Finished outfits are listed in output/<out>/done.jsonl, so a
 re-run after an interruption skips them. Garment sets shared by several outfits are encoded once (ComfyUI's LRU
-cache). Extra ComfyUI flags go after "--", e.g. -- --lowvram.
+cache). --checkpoint, --width/--height, --steps, --cfg, --sampler, --strength, --garments-net and --garment-size
+override the workflow's widgets (an error before start-up if it has no such node); without --checkpoint a missing
+workflow checkpoint becomes the first one installed, with a line saying so. A workflow ComfyUI rejects is reported
+one line per problem (node, input, reason). Extra ComfyUI flags go after "--", e.g. -- --lowvram.
 """
 
 from __future__ import annotations
