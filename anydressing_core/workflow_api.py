@@ -198,5 +198,6 @@ def check_link_types(workflow: dict, node_classes: dict) -> list[str]:
         spec = {**d_cls.INPUT_TYPES().get("required", {}), **d_cls.INPUT_TYPES().get("optional", {})}
         in_type = spec[name][0] if name in spec else None
         if not (out_type == typ == in_type):
-            problems.append(f"link {lid}: {by_id[src]['type']}[{sslot}]={out_type} -> {d_node['type']}.{name}={in_type}")
+            problems.append(f"link {lid}: {by_id[src]['type']}[{sslot}]={out_type} -> "
+                            f"{d_node['type']}.{name}={in_type}")
     return problems

@@ -35,7 +35,8 @@ class Graph:
     def node(self, type_, widgets=(), inputs=(), outputs=None, mode=0, nid=None) -> int:
         nid = nid or len(self.nodes) + 1
         outs = outputs if outputs is not None else OUTPUTS.get(type_, [])
-        self.nodes.append({"id": nid, "type": type_, "mode": mode, "widgets_values": dict(widgets) if isinstance(widgets, dict) else list(widgets),
+        stored = dict(widgets) if isinstance(widgets, dict) else list(widgets)
+        self.nodes.append({"id": nid, "type": type_, "mode": mode, "widgets_values": stored,
                            "inputs": [dict(name=n, type=t, link=None, **({"widget": {"name": n}} if w else {}))
                                       for n, t, w in ((i + (False,))[:3] for i in inputs)],
                            "outputs": [{"name": t, "type": t, "links": []} for t in outs]})

@@ -55,7 +55,7 @@ def batch(host, base, *args):
     return r.stdout + r.stderr
 
 
-def test_csv_outfits_resume_and_reuse(host, setup):
+def test_csv_outfits_limit_and_reuse(host, setup):
     base, work = setup
     out = batch(host, base, "--workflow", str(work / "workflow.json"), "--outfits", str(work / "outfits.csv"),
                 "--out", "b1", "--limit", "2")
@@ -67,13 +67,9 @@ def test_csv_outfits_resume_and_reuse(host, setup):
     meta = json.loads(Image.open(images[0]).info["anydressing_outfit"])
     assert meta["id"] == "a" and sorted(meta["garments"]) == ["lower", "upper"] and meta["seed"] == 0
     assert meta["garments"]["upper"].endswith("tee.png")
-    # interrupted after two: the re-run does only the third
-    out = batch(host, base, "--workflow", str(work / "workflow.json"), "--outfits", str(work / "outfits.csv"),
-                "--out", "b1")
-    assert "3 outfits: 2 done, 1 to do" in out and "done: 1 outfits" in out
-    assert len(list((base / "output" / "b1").glob("*.png"))) == 3
+    # resuming after an interruption: test_readme_command_on_a_fresh_comfyui_dresses_3_outfits_and_resumes_after_ctrl_c
     done = [json.loads(line)["id"] for line in (base / "output" / "b1" / "done.jsonl").read_text().splitlines()]
-    assert done == ["a", "b", "c"]
+    assert done == ["a", "b"]
 
 
 def test_garment_folder_combinations(host, setup):
@@ -135,7 +131,8 @@ def fresh(host):
                                       "b,garments/tee.png,garments/jeans.png,a woman in a park,1\n"
                                       "c,garments/shirt.png,garments/skirt.png,,2\n")
     host_mod.add_shims_if_needed()
-    return root
+    yield root
+    shutil.rmtree(root.parent, ignore_errors=True)
 
 
 def start(root: Path, cmd: list[str], log: Path) -> subprocess.Popen:
