@@ -298,3 +298,35 @@ def test_readme_workflow_to_api_command_on_a_fresh_comfyui(fresh, host):
     api = json.loads((fresh / "my_workflow_api.json").read_text())
     assert r.stderr.splitlines()[-1] == f"wrote my_workflow_api.json: {len(json.loads(src.read_text())['nodes'])} nodes"
     assert api == to_api(json.loads(src.read_text()), host.nodes.NODE_CLASS_MAPPINGS)
+
+
+def test_checkpoint_choice_and_size_overrides_reach_every_node_they_name():
+    """The parts of the command that need no ComfyUI: --checkpoint checked against what is installed, the fallback
+    when nothing is, and --width/--height reaching Garment Masks too (the pose workflow's masks match the image)."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("batch_dress_under_test", TOOL)
+    bd = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bd  # its dataclass looks itself up there
+    spec.loader.exec_module(bd)
+    api = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
+           "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 576, "height": 768, "batch_size": 1}},
+           "3": {"class_type": "AnyDressingGarmentMasks", "inputs": {"width": 576, "height": 768, "grow": 0}},
+           "4": {"class_type": "AnyDressingEncodeGarments", "inputs": {"width": 576, "height": 768}}}
+    with pytest.raises(SystemExit) as e:
+        bd.resolve_checkpoint(api, "nope.safetensors", ["a.safetensors", "b.safetensors"])
+    assert str(e.value) == ("--checkpoint nope.safetensors: not in ComfyUI's models/checkpoints (found: "
+                            "a.safetensors, b.safetensors)")
+    with pytest.raises(SystemExit) as e:
+        bd.resolve_checkpoint(api, None, [])
+    assert str(e.value) == ("the workflow's checkpoint v1-5.safetensors is not in ComfyUI's models/checkpoints and no "
+                            "other checkpoint is there: put an SD1.5 checkpoint there (or pass --checkpoint NAME)")
+    assert bd.resolve_checkpoint(api, None, ["v1-5.safetensors"]) == [] and api["1"]["inputs"]["ckpt_name"] == \
+        "v1-5.safetensors"
+    args = argparse.Namespace(**{k: None for k in bd.OVERRIDES})
+    args.width, args.height, args.garment_size = 320, 448, (96, 128)
+    bd.apply_overrides(api, args)
+    assert [(n["inputs"]["width"], n["inputs"]["height"]) for n in api.values() if "width" in n["inputs"]] == [
+        (320, 448), (320, 448), (96, 128)]
+    assert api["2"]["inputs"]["batch_size"] == 1 and api["3"]["inputs"]["grow"] == 0
