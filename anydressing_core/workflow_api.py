@@ -81,9 +81,12 @@ def widget_inputs(node: dict, spec: dict) -> dict[str, Any]:
     return out
 
 
-def convert(workflow: dict, spec_of: Callable[[str], Optional[dict]]) -> dict:
+def convert(workflow: dict, spec_of: Callable[[str], Optional[dict]],
+            display_names: Optional[dict] = None) -> dict:
     """The API prompt for `workflow`; spec_of(type) gives a node type's inputs ({"required": .., "optional": ..})
-    or None when the type is not installed."""
+    or None when the type is not installed. `_meta.title` is the node's title, else its display name (as the
+    editor writes it), else its type."""
+    display_names = display_names or {}
     if "nodes" not in workflow or "links" not in workflow:
         raise WorkflowError("not a UI-format workflow (no \"nodes\"/\"links\"); an API-format prompt needs no "
                             "conversion")
@@ -161,18 +164,20 @@ def convert(workflow: dict, spec_of: Callable[[str], Optional[dict]]) -> dict:
                 inputs[name] = got[1]
             else:
                 inputs[name] = [got[1], got[2]]
-        api[str(n["id"])] = {"class_type": t, "inputs": inputs, "_meta": {"title": n.get("title") or t}}
+        title = n.get("title") or display_names.get(t) or t
+        api[str(n["id"])] = {"class_type": t, "inputs": inputs, "_meta": {"title": title}}
     return api
 
 
-def to_api(workflow: dict, node_classes: dict) -> dict:
-    """Convert with node classes (e.g. ComfyUI's nodes.NODE_CLASS_MAPPINGS after its custom nodes are loaded)."""
+def to_api(workflow: dict, node_classes: dict, display_names: Optional[dict] = None) -> dict:
+    """Convert with node classes (e.g. ComfyUI's nodes.NODE_CLASS_MAPPINGS after its custom nodes are loaded, and
+    nodes.NODE_DISPLAY_NAME_MAPPINGS for the titles)."""
 
     def spec_of(t: str) -> Optional[dict]:
         cls = node_classes.get(t)
         return None if cls is None else cls.INPUT_TYPES()
 
-    return convert(workflow, spec_of)
+    return convert(workflow, spec_of, display_names)
 
 
 def to_api_from_object_info(workflow: dict, object_info: dict) -> dict:
@@ -182,7 +187,8 @@ def to_api_from_object_info(workflow: dict, object_info: dict) -> dict:
         info = object_info.get(t)
         return None if info is None else info.get("input") or {}
 
-    return convert(workflow, spec_of)
+    names = {t: info["display_name"] for t, info in object_info.items() if info.get("display_name")}
+    return convert(workflow, spec_of, names)
 
 
 def check_link_types(workflow: dict, node_classes: dict) -> list[str]:

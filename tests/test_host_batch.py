@@ -297,7 +297,8 @@ def test_readme_workflow_to_api_command_on_a_fresh_comfyui(fresh, host):
     assert r.returncode == 0 and r.stdout == "", r.stdout + r.stderr[-3000:]
     api = json.loads((fresh / "my_workflow_api.json").read_text())
     assert r.stderr.splitlines()[-1] == f"wrote my_workflow_api.json: {len(json.loads(src.read_text())['nodes'])} nodes"
-    assert api == to_api(json.loads(src.read_text()), host.nodes.NODE_CLASS_MAPPINGS)
+    nodes = host.nodes
+    assert api == to_api(json.loads(src.read_text()), nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
 
 
 def test_checkpoint_choice_and_size_overrides_reach_every_node_they_name():

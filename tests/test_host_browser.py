@@ -101,10 +101,6 @@ def test_a_workflow_queued_from_the_page_runs(editor):
     assert list((server.base / "output" / "browser").glob("q_*.latent"))
 
 
-def _without_meta(prompt: dict) -> dict:
-    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
-
-
 def test_workflow_converter_gives_the_editors_own_prompt(editor, host):
     """anydressing_core.workflow_api (used by the batch and workflow_to_api commands) against the editor's
     graphToPrompt: every shipped workflow whose nodes are all installed, and a graph built in the editor with a
@@ -112,19 +108,19 @@ def test_workflow_converter_gives_the_editors_own_prompt(editor, host):
     from anydressing_core.workflow_api import to_api
 
     result, *_ = editor
-    classes = host.nodes.NODE_CLASS_MAPPINGS
+    classes, names = host.nodes.NODE_CLASS_MAPPINGS, host.nodes.NODE_DISPLAY_NAME_MAPPINGS
     compared = []
     for w in result["workflows"]:
         if w["missing"]:
             continue
         wf = json.loads((host_mod.REPO / "workflows" / w["name"]).read_text())
-        assert _without_meta(to_api(wf, classes)) == _without_meta(w["prompt"]), w["name"]
+        assert to_api(wf, classes, names) == w["prompt"], w["name"]  # titles (_meta) included
         compared.append(w["name"])
     assert len(compared) >= 6, compared
     feats = result["editorFeatures"]
     assert isinstance(feats["prompt"], dict), feats["prompt"]
-    ours = to_api(feats["workflow"], classes)
-    assert _without_meta(ours) == _without_meta(feats["prompt"])
+    ours = to_api(feats["workflow"], classes, names)
+    assert ours == feats["prompt"]
     ks = next(v for v in ours.values() if v["class_type"] == "KSampler")
     assert ks["_meta"]["title"] == "Main sampler" == next(
         v for v in feats["prompt"].values() if v["class_type"] == "KSampler")["_meta"]["title"]

@@ -103,7 +103,8 @@ def test_workflow_to_api_command_with_a_running_servers_object_info(server, host
     r = subprocess.run([sys.executable, str(tool), str(wf_path), "-o", str(out), "--server", server.url],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert (r.returncode, r.stdout, r.stderr) == (0, "", f"wrote {out}: 13 nodes\n")
-    assert json.loads(out.read_text()) == to_api(json.loads(wf_path.read_text()), host.nodes.NODE_CLASS_MAPPINGS)
+    assert json.loads(out.read_text()) == to_api(json.loads(wf_path.read_text()), host.nodes.NODE_CLASS_MAPPINGS,
+                                                         host.nodes.NODE_DISPLAY_NAME_MAPPINGS)
     pose = host_mod.REPO / "workflows" / "anydressing_pose_three_garments.json"
     dw = next(n["id"] for n in json.loads(pose.read_text())["nodes"] if n["type"] == "DWPreprocessor")
     r = subprocess.run([sys.executable, str(tool), str(pose), "--server", server.url],

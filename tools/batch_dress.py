@@ -348,7 +348,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     try:
-        api = to_api(workflow, nodes.NODE_CLASS_MAPPINGS) if "nodes" in workflow else workflow
+        api = workflow if "nodes" not in workflow else to_api(workflow, nodes.NODE_CLASS_MAPPINGS,
+                                                              nodes.NODE_DISPLAY_NAME_MAPPINGS)
     except WorkflowError as e:
         raise SystemExit(f"{args.workflow}: {e}")
     apply_overrides(api, args)

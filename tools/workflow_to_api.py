@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                 nodes, _ = boot(find_root(args.comfyui), comfy_args)
             finally:
                 sys.stdout = stdout
-            api = to_api(workflow, nodes.NODE_CLASS_MAPPINGS)
+            api = to_api(workflow, nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
     except WorkflowError as e:
         raise SystemExit(f"{args.workflow}: {e}")
     text = json.dumps(api, indent=2)
