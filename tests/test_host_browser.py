@@ -99,3 +99,36 @@ def test_a_workflow_queued_from_the_page_runs(editor):
     (entry,) = new.values()
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert list((server.base / "output" / "browser").glob("q_*.latent"))
+
+
+def test_workflow_converter_gives_the_editors_own_prompt(editor, host):
+    """anydressing_core.workflow_api (used by the batch and workflow_to_api commands) against the editor's
+    graphToPrompt: every shipped workflow whose nodes are all installed, and a graph built in the editor with a
+    Reroute, a PrimitiveNode, a bypassed and a muted node and a Note."""
+    from anydressing_core.workflow_api import to_api
+
+    result, *_ = editor
+    classes, names = host.nodes.NODE_CLASS_MAPPINGS, host.nodes.NODE_DISPLAY_NAME_MAPPINGS
+    compared = []
+    for w in result["workflows"]:
+        if w["missing"]:
+            continue
+        wf = json.loads((host_mod.REPO / "workflows" / w["name"]).read_text())
+        assert to_api(wf, classes, names) == w["prompt"], w["name"]  # titles (_meta) included
+        compared.append(w["name"])
+    assert len(compared) >= 6, compared
+    feats = result["editorFeatures"]
+    assert isinstance(feats["prompt"], dict), feats["prompt"]
+    ours = to_api(feats["workflow"], classes, names)
+    assert ours == feats["prompt"]
+    ks = next(v for v in ours.values() if v["class_type"] == "KSampler")
+    assert ks["_meta"]["title"] == "Main sampler" == next(
+        v for v in feats["prompt"].values() if v["class_type"] == "KSampler")["_meta"]["title"]
+    # what the graph exercised, so that the equality above covers it
+    types = {n["type"]: n.get("mode", 0) for n in feats["workflow"]["nodes"]}
+    assert types["LoraLoader"] == 4 and types["Reroute"] == 0 and "PrimitiveNode" in types and "Note" in types
+    assert sorted(v["class_type"] for v in ours.values()).count("CLIPTextEncode") == 2  # the muted one is gone
+    assert ks["inputs"]["steps"] == 17 and ks["inputs"]["cfg"] == 3.5  # the primitive's value, the edited widget
+    assert "negative" not in ks["inputs"]  # fed by the muted node
+    ckpt_id = next(k for k, v in ours.items() if v["class_type"] == "CheckpointLoaderSimple")
+    assert ks["inputs"]["model"] == [ckpt_id, 0]  # through the bypassed LoRA

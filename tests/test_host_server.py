@@ -84,3 +84,31 @@ def test_interrupt_through_the_server_then_same_result(server):
     assert not list((server.base / "output" / "ad").glob("slow_*.latent"))
     server.wait(server.submit(prompt("after", **VARIANTS[2])))
     assert torch.equal(result(server, "after"), result(server, "before"))
+
+
+def test_workflow_to_api_command_with_a_running_servers_object_info(server, host, tmp_path):
+    """tools/workflow_to_api.py --server: node definitions over HTTP from the server process give the same prompt
+    as this process's node classes; a workflow needing a pack the server lacks is a one-line error naming it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import host as host_mod
+    from anydressing_core.workflow_api import to_api
+
+    tool = host_mod.REPO / "tools" / "workflow_to_api.py"
+    wf_path = host_mod.REPO / "workflows" / "anydressing_upper_lower.json"
+    out = tmp_path / "api.json"
+    r = subprocess.run([sys.executable, str(tool), str(wf_path), "-o", str(out), "--server", server.url],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", f"wrote {out}: 13 nodes\n")
+    assert json.loads(out.read_text()) == to_api(json.loads(wf_path.read_text()), host.nodes.NODE_CLASS_MAPPINGS,
+                                                         host.nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    pose = host_mod.REPO / "workflows" / "anydressing_pose_three_garments.json"
+    dw = next(n["id"] for n in json.loads(pose.read_text())["nodes"] if n["type"] == "DWPreprocessor")
+    r = subprocess.run([sys.executable, str(tool), str(pose), "--server", server.url],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert (r.returncode, r.stdout, r.stderr) == (
+        1, "", f"{pose}: node type(s) not installed: DWPreprocessor (node {dw}); install the pack(s) that provide "
+               "them (ComfyUI-Manager: Install Missing Custom Nodes) or remove those nodes\n")

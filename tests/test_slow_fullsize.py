@@ -27,14 +27,17 @@ def random_vae_state() -> dict:
     return {f"first_stage_model.{k}": v.half() for k, v in vae.state_dict().items()}
 
 
-def write_random_sd15_checkpoint(path: Path) -> None:
-    """Every tensor of an SD1.5 checkpoint (UNet, VAE, CLIP-L text model) with random fp16 weights."""
+def write_random_sd15_checkpoint(path: Path, **unet_changes) -> None:
+    """Every tensor of an SD1.5 checkpoint (UNet, VAE, CLIP-L text model) with random fp16 weights.
+
+    unet_changes (e.g. channel_mult=[1, 1, 1, 1]) make a smaller UNet that ComfyUI still detects as SD1.5 (it keys
+    on the 320-channel first level, the 768-wide context and the attention layout), for fast end-to-end tests."""
     import adtest_tiny
     import comfy.sd1_clip
     import comfy.supported_models
     from safetensors.torch import save_file
 
-    cfg = adtest_tiny.tiny_unet_config(320)
+    cfg = {**adtest_tiny.tiny_unet_config(320), **unet_changes}
     sd = {}
     unet = comfy.supported_models.SD15(cfg).get_model({}, "").diffusion_model
     adtest_tiny.randomize(unet, 0)

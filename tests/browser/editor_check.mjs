@@ -74,12 +74,61 @@ try {
         errors: nodes.filter((n) => n.has_errors).map((n) => n.type),
       };
     });
+    // the editor's own UI-to-API conversion, the reference for anydressing_core.workflow_api
+    info.prompt = await page.evaluate(async () => {
+      try { return (await window.app.graphToPrompt()).output; } catch (e) { return null; }
+    });
     await page.evaluate(() => { const c = window.app.canvas; c.ds.scale = 0.75; c.ds.offset = [10, 10];
                                 c.setDirty(true, true); });
     await page.waitForTimeout(300);
     await page.screenshot({ path: path.join(outDir, name.replace(/\.json$/, ".png")) });
     result.workflows.push({ name, ...info, dialogs, pageErrors: result.pageErrors.slice(errorsAtStart) });
   }
+  // a graph built in the editor with what it resolves when queueing: a Reroute, a PrimitiveNode on a converted
+  // widget, a bypassed and a muted node, a Note; the saved workflow and the editor's prompt come back together
+  result.editorFeatures = await page.evaluate(async () => {
+    const g = window.app.graph;
+    g.clear();
+    const add = (type, pos) => { const n = window.LiteGraph.createNode(type); n.pos = pos; g.add(n); return n; };
+    const ckpt = add("CheckpointLoaderSimple", [0, 0]);
+    const lora = add("LoraLoader", [300, 0]);
+    const pos = add("CLIPTextEncode", [600, 0]);
+    const neg = add("CLIPTextEncode", [600, 300]);
+    const muted = add("CLIPTextEncode", [600, 600]);
+    const latent = add("EmptyLatentImage", [300, 400]);
+    const reroute = add("Reroute", [800, 400]);
+    const ks = add("KSampler", [1000, 0]);
+    const prim = add("PrimitiveNode", [700, 800]);
+    const note = add("Note", [0, 600]);
+    const decode = add("VAEDecode", [1300, 0]);
+    const save = add("SaveImage", [1500, 0]);
+    ckpt.connect(0, lora, 0);
+    ckpt.connect(1, lora, 1);
+    lora.connect(0, ks, 0);
+    lora.connect(1, pos, 0);
+    ckpt.connect(1, neg, 0);
+    ckpt.connect(1, muted, 0);
+    pos.connect(0, ks, 1);
+    muted.connect(0, ks, 2);
+    latent.connect(0, reroute, 0);
+    reroute.connect(0, ks, 3);
+    ks.connect(0, decode, 0);
+    ckpt.connect(2, decode, 1);
+    decode.connect(0, save, 0);
+    prim.connect(0, ks, ks.inputs.findIndex((i) => i.name === "steps"));
+    lora.mode = 4;
+    muted.mode = 2;
+    pos.widgets[0].value = "a coat";
+    latent.widgets[0].value = 320;
+    ks.widgets.find((w) => w.name === "cfg").value = 3.5;
+    if (prim.widgets && prim.widgets[0]) prim.widgets[0].value = 17;
+    note.widgets && note.widgets[0] && (note.widgets[0].value = "just a note");
+    ks.title = "Main sampler";
+    const workflow = g.serialize();
+    let prompt = null;
+    try { prompt = (await window.app.graphToPrompt()).output; } catch (e) { prompt = String(e); }
+    return { workflow, prompt, primitiveWidgets: (prim.widgets || []).map((w) => w.name) };
+  });
   // queue one tiny workflow from the page, as a user pressing Queue would
   const api = JSON.parse(fs.readFileSync(queuePath, "utf8"));
   const errorsBeforeQueue = result.pageErrors.length;
