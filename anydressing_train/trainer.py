@@ -5,6 +5,10 @@ Dressing-Attention projections W_k'/W_v' (initialised from W_k/W_v); optionally 
 UNet). Frozen: the denoising UNet (DressingNet) and, by default, GarmentsNet's base weights (the same UNet, as in the
 pack's training-free mode). The forward pass uses the pack's own hooks and attention code, so a trained file gives
 the node pack the same features as training did.
+
+The UNet passed in is never changed: the trainer works on its own copy (requires_grad, device, dtype and
+checkpointing hooks apply to the copy), unless copy_unet=False hands it over (the command line does, since it loaded
+the checkpoint itself).
 """
 
 from __future__ import annotations
@@ -19,13 +23,19 @@ from torch import nn
 
 from anydressing_core.attention import sdpa_attention
 from anydressing_core.branch import PROBE_KEY, AttentionProbe, DressingAttentionReplace, DressingBranch, DressingLayer
-from anydressing_core.encoder import GarmentEncodeHooks, zero_cross_attention_output, zero_cross_attention_replace
+from anydressing_core.encoder import (TAP_INPUT, TAP_OUTPUT, GarmentEncodeHooks, check_tap,
+                                      zero_cross_attention_output, zero_cross_attention_replace)
 from anydressing_core.layers import LayerKey, is_layer_path, key_from_path, path_from_key, sort_keys
 from anydressing_core.lora import LoRA
 from anydressing_core.masks import resize_to_grid
 from anydressing_core.native_format import write_native
 
 SelfAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+# How L_loc reduces A_k - M_k within one layer: "sum" is eq. 9's squared L2 norm (every query of every layer counts
+# once, so a layer weighs in proportion to its pixel count); "mean" divides each layer by its pixel count (every
+# layer weighs the same; the reduction before issue 13, about 1/700 of "sum" at 768 x 576).
+LOC_REDUCTIONS = ("sum", "mean")
 
 
 def format_key(key: LayerKey) -> str:
@@ -61,16 +71,27 @@ class DressingTrainer(nn.Module):
 
     def __init__(self, unet: nn.Module, slots: list[str], rank: int = 8, alpha: float = 8.0,
                  self_attention: Optional[SelfAttention] = None, strength: float = 1.0,
-                 finetune_garments_net: bool = False, gradient_checkpointing: bool = False):
+                 finetune_garments_net: bool = False, gradient_checkpointing: bool = False,
+                 feature_tap: str = TAP_OUTPUT, loc_reduction: str = "sum", copy_unet: bool = True):
         super().__init__()
-        self.unet = unet.requires_grad_(False)
+        if loc_reduction not in LOC_REDUCTIONS:
+            raise ValueError(f"loc_reduction must be one of {', '.join(LOC_REDUCTIONS)}, not {loc_reduction!r}")
+        if not strength > 0:
+            raise ValueError(f"strength (the Dressing-Attention lambda trained at) must be > 0, not {strength}")
+        self.feature_tap = check_tap(feature_tap)
+        self.loc_reduction = loc_reduction
+        # a private copy: the caller's UNet (e.g. ComfyUI's loaded MODEL) keeps its flags, device and hooks
+        self.unet = (copy.deepcopy(unet) if copy_unet else unet).requires_grad_(False)
         # paper §5.1 may mean the whole GarmentsNet is trained: then it is a float32 copy of the UNet, trained too
         self.garments_net = copy.deepcopy(unet).float().requires_grad_(True) if finetune_garments_net else None
         self.slots = list(slots)
         self.rank, self.alpha, self.strength = rank, float(alpha), strength
-        self.blocks = self_attention_blocks(unet)
+        self.blocks = self_attention_blocks(self.unet)
         if not self.blocks:
             raise ValueError("the UNet has no self-attention transformer blocks")
+        # under the attn1-input tap a layer's q/k/v LoRA only reaches the layers after it: the last layer's would
+        # never get a gradient, so it is not made (nor saved); under F^new every layer's LoRA shapes its own feature
+        self.lora_layers = list(self.blocks) if self.feature_tap == TAP_OUTPUT else list(self.blocks)[:-1]
         self.self_attention = self_attention or _sdpa_self_attention
         self.lora = nn.ParameterDict()
         self.w_k = nn.ParameterDict()
@@ -81,6 +102,8 @@ class DressingTrainer(nn.Module):
             name = format_key(key)
             self.w_k[name] = nn.Parameter(block.attn1.to_k.weight.detach().clone().float())
             self.w_v[name] = nn.Parameter(block.attn1.to_v.weight.detach().clone().float())
+            if key not in self.lora_layers:
+                continue
             for slot in self.slots:
                 for proj in "qkv":
                     # LoRA init: down random, up zero, so training starts from the base GarmentsNet
@@ -106,7 +129,7 @@ class DressingTrainer(nn.Module):
     def slot_loras(self) -> dict:
         out: dict = {}
         scale = self.alpha / self.rank
-        for key in self.blocks:
+        for key in self.lora_layers:
             name = format_key(key)
             for slot in self.slots:
                 out.setdefault(slot, {})[key] = {
@@ -117,7 +140,7 @@ class DressingTrainer(nn.Module):
     def encode(self, garment_latents: torch.Tensor, row_slots: list[str]) -> dict[LayerKey, torch.Tensor]:
         """GarmentsNet at t = 0, cross-attention removed, each row through its slot's LoRA: [N, S, C] per layer."""
         n = garment_latents.shape[0]
-        hooks = GarmentEncodeHooks(row_slots, self.slot_loras(), self.self_attention)
+        hooks = GarmentEncodeHooks(row_slots, self.slot_loras(), self.self_attention, tap=self.feature_tap)
         to = {"patches": {"attn1_patch": [hooks.capture], "attn2_output_patch": [zero_cross_attention_output]},
               "patches_replace": {"attn1": {k: hooks.gfe_replace for k in self.blocks},
                                   "attn2": {k: zero_cross_attention_replace for k in self.blocks}}}
@@ -169,7 +192,10 @@ class DressingTrainer(nn.Module):
         for branch in probe.order:
             for mass, (h, w) in probe.maps[branch].values():  # mass: [N, rows, h*w]
                 target = resize_to_grid(person_masks, h, w).to(mass.device)
-                terms.append(((mass - target.unsqueeze(1)) ** 2).mean())
+                sq = (mass.float() - target.unsqueeze(1)) ** 2  # [N, rows, h*w]
+                # eq. 9: ||A_k - M_k||^2 over the layer's pixels, then the mean over garments (and rows)
+                terms.append((sq.sum(-1) if self.loc_reduction == "sum" else sq.mean(-1)).mean())
+        # the (1/m) sum over the m Dressing-Attention layers of section 4.4
         out["localization"] = torch.stack(terms).mean() if terms else x0.new_zeros(())
         out["texture"] = x0.new_zeros(())
         if texture is not None and int(t.max()) <= texture.get("max_t", 350):
@@ -189,7 +215,7 @@ class DressingTrainer(nn.Module):
         loras = {}
         scale_alpha = self.alpha
         for slot in self.slots:
-            for key in self.blocks:
+            for key in self.lora_layers:
                 name = format_key(key)
                 loras.setdefault(slot, {})[path_from_key(key)] = {
                     proj: (self.lora[f"{slot}__{name}__{proj}__down"].detach().cpu().float(),
@@ -198,7 +224,9 @@ class DressingTrainer(nn.Module):
         dressing = {path_from_key(k): (self.w_k[format_key(k)].detach().cpu().float(),
                                        self.w_v[format_key(k)].detach().cpu().float()) for k in self.blocks}
         meta = {"lora_rank": str(self.rank), "lora_alpha": str(self.alpha),
-                "garments_net": "fine-tuned" if self.garments_net is not None else "base"}
+                "garments_net": "fine-tuned" if self.garments_net is not None else "base",
+                "feature_tap": self.feature_tap, "strength": repr(float(self.strength)),
+                "loc_reduction": self.loc_reduction}
         meta.update({k: str(v) for k, v in metadata.items()})
         unet = None
         if self.garments_net is not None:  # group (a), ldm naming; the loader uses it instead of the MODEL's UNet
