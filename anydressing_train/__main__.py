@@ -57,8 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--lambda-loc", type=float, default=0.01, help="weight of the localization loss (paper: 0.01)")
-    ap.add_argument("--loc-reduction", choices=("sum", "mean"), default="sum",
-                    help="L_loc per layer: sum (eq. 9's squared norm over the layer's pixels) or mean (per pixel)")
+    ap.add_argument("--loc-reduction", choices=("sum", "paper_scale", "mean"), default="sum",
+                    help="L_loc per layer: sum (eq. 9, squared norm over the layer's pixels), paper_scale (that sum as at "
+                         "768x576, so lambda-loc 0.01 keeps the paper's balance at any size) or mean (per pixel)")
     ap.add_argument("--feature-tap", choices=("gfe_output", "attn1_input"), default="gfe_output",
                     help="GarmentsNet features: gfe_output (F^new, the GFE self-attention output, eq. 4-5; every "
                          "layer's LoRA trains) or attn1_input (the self-attention input after norm1)")

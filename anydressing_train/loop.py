@@ -17,7 +17,7 @@ from anydressing_core.masks import resize_to_grid
 
 from .data import augment
 from .engine import LocalEngine
-from .trainer import DressingTrainer
+from .trainer import DressingTrainer, layer_loc_term
 
 EncodeImage = Callable[[torch.Tensor], torch.Tensor]  # [B, H, W, 3] in [0, 1] -> scaled latents [B, 4, h, w]
 EncodeText = Callable[[str], torch.Tensor]  # caption -> [1, 77, 768]
@@ -190,7 +190,7 @@ def evaluate(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encod
                 for mass, (h, w) in probe.maps[branch].values():
                     target = resize_to_grid(masks, h, w).to(mass.device)
                     sq = (mass[:, 0].float() - target) ** 2
-                    terms.append(float((sq.sum(-1) if reduction == "sum" else sq.mean(-1)).mean()))
+                    terms.append(float(layer_loc_term(sq, (h, w), tuple(x0.shape[-2:]), reduction).mean()))
                     binary = target > 0.5
                     for k, slot in enumerate(sample_slots):
                         if binary[k].any() and (~binary[k]).any():

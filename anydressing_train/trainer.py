@@ -32,10 +32,29 @@ from anydressing_core.native_format import write_native
 
 SelfAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
-# How L_loc reduces A_k - M_k within one layer: "sum" is eq. 9's squared L2 norm (every query of every layer counts
-# once, so a layer weighs in proportion to its pixel count); "mean" divides each layer by its pixel count (every
-# layer weighs the same; the reduction before issue 13, about 1/700 of "sum" at 768 x 576).
-LOC_REDUCTIONS = ("sum", "mean")
+# How L_loc reduces (A_k - M_k)^2 within one layer of h x w pixels (then: mean over garments, mean over layers):
+#   "sum"          eq. 9's squared L2 norm, a sum over the layer's pixels: every query of every layer counts once, so
+#                  a layer weighs in proportion to its pixel count (the 96 x 72 layers of a 768 x 576 image 64 times
+#                  the 12 x 9 middle one), and L_loc grows with the image's pixel count while the diffusion loss (a
+#                  mean) does not: lambda1 = 0.01 is the paper's balance at its 768 x 576 only.
+#   "paper_scale"  the same sum as if the image were 768 x 576: each layer's per-pixel mean times the pixel count that
+#                  layer has at 768 x 576 (6912 / f^2 at latent downsampling f). Equal to "sum" at 768 x 576; at any
+#                  other size lambda1 = 0.01 keeps the paper's balance and the same layer weights as "sum".
+#   "mean"         a per-pixel mean (every layer weighs the same; the reduction before issue 13, 1/6912 of "sum" on
+#                  the finest layers at 768 x 576, so lambda1 = 0.01 did nothing).
+LOC_REDUCTIONS = ("sum", "paper_scale", "mean")
+PAPER_LATENT_PIXELS = (768 // 8) * (576 // 8)  # 6912
+
+
+def layer_loc_term(sq: torch.Tensor, grid: tuple[int, int], latent_hw: tuple[int, int], reduction: str
+                   ) -> torch.Tensor:
+    """One layer's L_loc from the squared errors sq [..., h*w]: [...] (garments and rows left to average)."""
+    if reduction == "sum":
+        return sq.sum(-1)
+    if reduction == "mean":
+        return sq.mean(-1)
+    f2 = (latent_hw[0] * latent_hw[1]) / float(grid[0] * grid[1])  # (latent downsampling)^2 of this layer
+    return sq.mean(-1) * (PAPER_LATENT_PIXELS / f2)
 
 
 def format_key(key: LayerKey) -> str:
@@ -194,7 +213,7 @@ class DressingTrainer(nn.Module):
                 target = resize_to_grid(person_masks, h, w).to(mass.device)
                 sq = (mass.float() - target.unsqueeze(1)) ** 2  # [N, rows, h*w]
                 # eq. 9: ||A_k - M_k||^2 over the layer's pixels, then the mean over garments (and rows)
-                terms.append((sq.sum(-1) if self.loc_reduction == "sum" else sq.mean(-1)).mean())
+                terms.append(layer_loc_term(sq, (h, w), tuple(x0.shape[-2:]), self.loc_reduction).mean())
         # the (1/m) sum over the m Dressing-Attention layers of section 4.4
         out["localization"] = torch.stack(terms).mean() if terms else x0.new_zeros(())
         out["texture"] = x0.new_zeros(())

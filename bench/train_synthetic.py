@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lambda-loc", type=float, default=0.01)
     ap.add_argument("--lambda-tex", type=float, default=0.001, help="texture loss weight (edge term; 0: off)")
-    ap.add_argument("--loc-reduction", default="sum", choices=("sum", "mean"))
+    ap.add_argument("--loc-reduction", default="sum", choices=("sum", "paper_scale", "mean"))
     ap.add_argument("--feature-tap", default="gfe_output", choices=("gfe_output", "attn1_input"))
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--mixed-precision", default="no")

@@ -361,7 +361,12 @@ def test_localization_loss_is_eq9_squared_norm_over_each_layers_pixels(setup):
         old = trainer_for(base, loc_reduction="mean")(*batch)["localization"]
     assert abs(float(old) - sum(means) / 16) < 1e-5 * sum(means)
     assert float(got) > 10 * float(old)  # the 8 x 8 layers weigh 64 times what they did
-    with pytest.raises(ValueError, match="loc_reduction must be one of sum, mean, not 'max'"):
+    # paper_scale: the sum each layer would have at 768 x 576 (96 x 72 latent pixels / f^2 at downsampling f)
+    paper = sum(m * 6912 / (64 / p) for m, p in zip(means, pixels)) / 16
+    with torch.no_grad():
+        scaled = trainer_for(base, loc_reduction="paper_scale")(*batch)["localization"]
+    assert abs(float(scaled) - paper) < 1e-5 * paper and abs(float(scaled) / float(got) - 108.0) < 1e-3
+    with pytest.raises(ValueError, match="loc_reduction must be one of sum, paper_scale, mean, not 'max'"):
         trainer_for(base, loc_reduction="max")
 
 
