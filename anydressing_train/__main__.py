@@ -89,7 +89,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     boot(Path(args.comfyui), flags)
-    import torch
 
     from anydressing_train.data import FolderDataset
     from anydressing_train.engine import accelerate_available, half_dtype, make_engine

@@ -23,8 +23,8 @@ from torch import nn
 
 from anydressing_core.attention import sdpa_attention
 from anydressing_core.branch import PROBE_KEY, AttentionProbe, DressingAttentionReplace, DressingBranch, DressingLayer
-from anydressing_core.encoder import (TAP_INPUT, TAP_OUTPUT, GarmentEncodeHooks, check_tap,
-                                      zero_cross_attention_output, zero_cross_attention_replace)
+from anydressing_core.encoder import (TAP_OUTPUT, GarmentEncodeHooks, check_tap, zero_cross_attention_output,
+                                      zero_cross_attention_replace)
 from anydressing_core.layers import LayerKey, is_layer_path, key_from_path, path_from_key, sort_keys
 from anydressing_core.lora import LoRA
 from anydressing_core.masks import resize_to_grid

@@ -30,23 +30,34 @@ def trainer_for(base, **kwargs):
     return DressingTrainer(base.model.diffusion_model, ["upper", "lower"], rank=4, alpha=4.0, **kwargs)
 
 
-def test_a_short_run_lowers_both_losses_and_localizes_garments(setup, tmp_path):
+def test_a_short_run_localizes_held_out_garments_at_the_papers_lambda(setup, tmp_path):
+    """Held out: samples of another seed, garments in random places (a slot says nothing about where). At the paper's
+    lambda1 = 0.01 (L_loc at the paper's 768 x 576 scale), the held-out inside-mask attention share rises over the
+    pack's training-free mode and the held-out diffusion loss does not rise."""
+    from anydressing_train.data import FolderDataset, make_synthetic
     from anydressing_train.loop import evaluate, train
 
-    ds, base, enc_img, enc_txt = setup
-    tr = trainer_for(base)
-    before = evaluate(tr, ds, enc_img, enc_txt, timesteps=(200, 500, 800), limit=4)
-    # lambda1 is raised from the paper's 0.01 (meant for 100k steps) so that 40 CPU steps show the effect
-    history = train(tr, ds, enc_img, enc_txt, steps=40, lr=1e-2, lambda_loc=100.0, dropout=0.0,
+    _, base, enc_img, enc_txt = setup
+    make_synthetic(str(tmp_path / "train"), count=8, size=64, seed=0, layout="random")
+    make_synthetic(str(tmp_path / "val"), count=4, size=64, seed=1, layout="random")
+    ds, val = FolderDataset(str(tmp_path / "train")), FolderDataset(str(tmp_path / "val"))
+    free = evaluate(trainer_for(base, feature_tap="attn1_input", strength=0.7, loc_reduction="paper_scale"), val,
+                    enc_img, enc_txt, timesteps=(200, 500, 800))
+    tr = trainer_for(base, loc_reduction="paper_scale")
+    history = train(tr, ds, enc_img, enc_txt, steps=LEARN_STEPS, lr=LEARN_LR, lambda_loc=0.01, dropout=0.0,
+                    val_dataset=val, eval_every=LEARN_STEPS, eval_timesteps=(200, 500, 800),
                     log=str(tmp_path / "log.csv"))
-    after = evaluate(tr, ds, enc_img, enc_txt, timesteps=(200, 500, 800), limit=4)
-    print("before", before, "after", after)
-    assert len(history) == 40 and (tmp_path / "log.csv").read_text().count("\n") == 41
-    assert after["diffusion"] < 0.9 * before["diffusion"]
-    assert after["localization"] < before["localization"] - 0.01
-    gap_before = before["mass_inside"] - before["mass_outside"]
-    gap_after = after["mass_inside"] - after["mass_outside"]
-    assert gap_after > gap_before + 0.1  # each garment's attention mass moved into its mask
+    after = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")}
+    print("training-free", free, "trained", after)
+    assert len(history) == LEARN_STEPS and (tmp_path / "log.csv").read_text().count("\n") == LEARN_STEPS + 2
+    assert abs(free["mass_inside"] - 0.5) < 0.02 and abs(free["mass_outside"] - 0.5) < 0.02
+    # each garment's attention moved into its mask (measured: inside 0.499 -> 0.529, outside 0.500 -> 0.478)
+    assert after["mass_inside"] > free["mass_inside"] + 0.015
+    assert after["mass_inside"] - after["mass_outside"] > free["mass_inside"] - free["mass_outside"] + 0.03
+    assert after["diffusion"] <= free["diffusion"]  # measured: 1.388 -> 1.125
+
+
+LEARN_STEPS, LEARN_LR = 40, 1e-2
 
 
 @pytest.mark.parametrize("tap", ["gfe_output", "attn1_input"])
