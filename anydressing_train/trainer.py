@@ -23,8 +23,8 @@ from torch import nn
 
 from anydressing_core.attention import sdpa_attention
 from anydressing_core.branch import PROBE_KEY, AttentionProbe, DressingAttentionReplace, DressingBranch, DressingLayer
-from anydressing_core.encoder import (TAP_OUTPUT, GarmentEncodeHooks, check_tap, zero_cross_attention_output,
-                                      zero_cross_attention_replace)
+from anydressing_core.encoder import (TAP_INPUT, TAP_OUTPUT, GarmentEncodeHooks, check_tap,
+                                      zero_cross_attention_output, zero_cross_attention_replace)
 from anydressing_core.layers import LayerKey, is_layer_path, key_from_path, path_from_key, sort_keys
 from anydressing_core.lora import LoRA
 from anydressing_core.masks import resize_to_grid
@@ -91,7 +91,7 @@ class DressingTrainer(nn.Module):
     def __init__(self, unet: nn.Module, slots: list[str], rank: int = 8, alpha: float = 8.0,
                  self_attention: Optional[SelfAttention] = None, strength: float = 1.0,
                  finetune_garments_net: bool = False, gradient_checkpointing: bool = False,
-                 feature_tap: str = TAP_OUTPUT, loc_reduction: str = "sum", copy_unet: bool = True):
+                 feature_tap: str = TAP_INPUT, loc_reduction: str = "sum", copy_unet: bool = True):
         super().__init__()
         if loc_reduction not in LOC_REDUCTIONS:
             raise ValueError(f"loc_reduction must be one of {', '.join(LOC_REDUCTIONS)}, not {loc_reduction!r}")
