@@ -43,7 +43,9 @@ def test_a_short_run_localizes_held_out_garments_at_the_papers_lambda(setup, tmp
     ds, val = FolderDataset(str(tmp_path / "train")), FolderDataset(str(tmp_path / "val"))
     free = evaluate(trainer_for(base, feature_tap="attn1_input", strength=0.7, loc_reduction="paper_scale"), val,
                     enc_img, enc_txt, timesteps=(200, 500, 800))
-    tr = trainer_for(base, loc_reduction="paper_scale")
+    # F^new: in 40 steps at 1e-2 it localizes faster than the default attn1_input tap (measured there: inside 0.508,
+    # outside 0.494, diffusion 1.017), which the bench's longer runs at 3e-3 show level with it (README)
+    tr = trainer_for(base, loc_reduction="paper_scale", feature_tap="gfe_output")
     history = train(tr, ds, enc_img, enc_txt, steps=LEARN_STEPS, lr=LEARN_LR, lambda_loc=0.01, dropout=0.0,
                     val_dataset=val, eval_every=LEARN_STEPS, eval_timesteps=(200, 500, 800),
                     log=str(tmp_path / "log.csv"))
