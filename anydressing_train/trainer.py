@@ -130,8 +130,23 @@ class DressingTrainer(nn.Module):
                         torch.randn(rank, c, generator=g) / math.sqrt(c))
                     self.lora[f"{slot}__{name}__{proj}__up"] = nn.Parameter(torch.zeros(c, rank))
         self.register_buffer("alphas_cumprod", ddpm_alphas_cumprod(), persistent=False)
+        if self.garments_net is not None:
+            self._freeze_unreachable_garments_net()
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
+
+    def _freeze_unreachable_garments_net(self) -> None:
+        """A fine-tuned GarmentsNet's weights past the last feature tap (the last block's tail, the output conv) can
+        never get a gradient: found by one small backward pass, they are frozen so the optimizer and DDP skip them.
+        They are still saved, since the loader needs a whole UNet."""
+        net = self.garments_net
+        latents = torch.randn(1, int(getattr(net, "in_channels", 4)), 8, 8, generator=torch.Generator().manual_seed(0))
+        feats = self.encode(latents.to(next(net.parameters()).device), self.slots[:1])
+        sum(f.float().square().mean() for f in feats.values()).backward()
+        for p in net.parameters():
+            if p.grad is None:
+                p.requires_grad_(False)
+        self.zero_grad(set_to_none=True)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each residual and transformer block's activations in the backward pass instead of keeping them

@@ -284,6 +284,10 @@ def test_finetuned_garments_net_is_saved_and_gives_the_pack_the_training_time_fe
     trainable = {n for n, p in tr.named_parameters() if p.requires_grad}
     assert any(n.startswith("garments_net.input_blocks.") for n in trainable)
     assert not any(n.startswith("unet.") for n in trainable)
+    # past the last feature tap (attn1 input of output_blocks.11) nothing can get a gradient: frozen, not trained
+    assert not any(n.startswith(("garments_net.out.", "garments_net.output_blocks.11.1.proj_out",
+                                 "garments_net.output_blocks.11.1.transformer_blocks.0.attn1.")) for n in trainable)
+    assert "garments_net.output_blocks.11.1.transformer_blocks.0.norm1.weight" in trainable
     with torch.no_grad():  # as if GarmentsNet had been trained: it now differs from the denoising UNet
         for p in tr.garments_net.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
