@@ -1,8 +1,11 @@
 """Hooks that turn a plain SD1.5-architecture UNet into GarmentsNet for one batched pass at t = 0.
 
-* capture (an attn1 pre-projection patch) keeps each layer's self-attention input after norm1: the garment features.
+* capture (an attn1 pre-projection patch) sees each layer's self-attention input after norm1; under the
+  "attn1_input" tap (what MagicClothing and IMAGDressing files were trained on) that is the garment feature.
 * gfe_replace (an attn1 replacement) adds each row's slot LoRA to q/k/v (the Garment-Specific Feature Extractor),
-  so garments of different slots share one batched pass while each attends only to itself (eq. 4).
+  so garments of different slots share one batched pass while each attends only to itself (eq. 4). Under the
+  "gfe_output" tap it keeps the LoRA'd self-attention output F^new (eq. 4-5, before to_out) as the garment feature,
+  so every layer's LoRA shapes that layer's own feature (the last layer's included).
 * zero_cross_attention removes cross-attention (the paper excises it): its output is zeroed, so text has no effect.
 """
 
@@ -17,6 +20,16 @@ from .lora import SlotLoRAs
 
 SelfAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
+TAP_INPUT = "attn1_input"  # the self-attention input after norm1 (files made before the tap was recorded)
+TAP_OUTPUT = "gfe_output"  # F^new: the GFE self-attention output (eq. 4-5)
+FEATURE_TAPS = (TAP_INPUT, TAP_OUTPUT)
+
+
+def check_tap(tap: str) -> str:
+    if tap not in FEATURE_TAPS:
+        raise ValueError(f"feature tap must be one of {', '.join(FEATURE_TAPS)}, not {tap!r}")
+    return tap
+
 
 def extra_key(extra: dict) -> LayerKey:
     block = extra["block"]
@@ -25,8 +38,9 @@ def extra_key(extra: dict) -> LayerKey:
 
 class GarmentEncodeHooks:
     def __init__(self, row_slots: list[str], loras: SlotLoRAs, self_attention: SelfAttentionFn,
-                 on_layer: Optional[Callable[[], None]] = None):
-        self.on_layer = on_layer  # progress: called once per captured layer
+                 tap: str = TAP_INPUT, on_layer: Optional[Callable[[], None]] = None):
+        self.tap = check_tap(tap)
+        self.on_layer = on_layer  # progress: called once per layer
         self.row_slots = list(row_slots)
         self.loras = loras
         self.self_attention = self_attention
@@ -40,7 +54,8 @@ class GarmentEncodeHooks:
 
     def capture(self, n, context, value, extra):
         key = extra_key(extra)
-        self.captured[key] = n
+        if self.tap == TAP_INPUT:
+            self.captured[key] = n
         shape = extra.get("activations_shape")
         if shape is not None:
             self.grids[key] = (int(shape[-2]), int(shape[-1]))
@@ -67,7 +82,10 @@ class GarmentEncodeHooks:
                     changed[name] = qkv[name].clone()
                 changed[name].index_add_(0, idx, lora.delta(n_rows).to(q.dtype))
         q, k, v = changed.get("q", q), changed.get("k", k), changed.get("v", v)
-        return self.self_attention(q, k, v, extra)
+        out = self.self_attention(q, k, v, extra)
+        if self.tap == TAP_OUTPUT:
+            self.captured[key] = out
+        return out
 
 
 def zero_cross_attention_replace(q, k, v, extra):

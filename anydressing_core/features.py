@@ -12,7 +12,8 @@ from .layers import LayerKey, sort_keys
 
 @dataclass
 class GarmentFeatures:
-    """The 16 self-attention inputs (after norm1) of every garment, concatenated per layer along tokens.
+    """The 16 per-layer garment features of every garment (the self-attention inputs after norm1, or the GFE
+    self-attention outputs F^new, as the GarmentsNet file's feature tap says), concatenated per layer along tokens.
 
     layers[key] is [1, L, C]; segments[key][k] is garment k's token range in it. dressing_weights[key] holds the
     Dressing-Attention W_k'/W_v' loaded with the GarmentsNet (None: use the MODEL's own to_k/to_v, the paper's
@@ -28,6 +29,7 @@ class GarmentFeatures:
     injection: str = "dressing"  # "dressing" (eq. 6), "concat" (MagicClothing), "separate" (DreamFit)
     uncond_default: bool = False  # whether the model's authors let the unconditional rows see the garments
     weighted_layers_only: bool = False  # garments enter only the layers with their own W_k'/W_v'
+    strength: float = 0.7  # the lambda the GarmentsNet file is meant to run at: Apply Dressing-Attention's auto
 
     @property
     def count(self) -> int:

@@ -268,3 +268,41 @@ def holds_only_dressing_weights(keys: list[str], metadata: Optional[dict]) -> bo
 
 
 _NATIVE_DRESSING = re.compile(r"^dressing\.(.+)\.attn1\.to_[kv]\.weight$")
+
+
+TRAINING_FREE_STRENGTH = 0.7  # the paper's inference lambda (section 5.1)
+# peer models whose attention processors add the garment branch unscaled (MagicClothing's concat and ip layers,
+# IMAGDressing at its authors' scale 1.0, DreamFit's ref_scale 1.0): at any other lambda the result departs from theirs
+UNSCALED_FORMATS = ("magicclothing", "ip_layer", "imagdressing", "dreamfit")
+
+
+def inference_strength(contents: NativeContents, name: str = "file") -> float:
+    """The Dressing-Attention lambda a file is meant to run at ('auto' on Apply Dressing-Attention): the strength it
+    was trained at when its metadata records one; 1.0 for the peer formats (their processors have no scale) and for
+    AnyDressing files trained before the strength was recorded (the trainer always used 1.0); 0.7 for plain UNets,
+    which run like training-free mode with the paper's initialisation."""
+    meta = contents.metadata
+    if "strength" in meta:
+        try:
+            value = float(meta["strength"])
+        except ValueError:
+            raise FormatError(f"{name}: metadata strength {meta['strength']!r} is not a number") from None
+        if not (value > 0 and value < float("inf")):
+            raise FormatError(f"{name}: metadata strength {value} must be a finite number > 0")
+        return value
+    if meta.get("source_format") in UNSCALED_FORMATS:
+        return 1.0
+    if "anydressing_format" in meta and (contents.loras or contents.dressing):
+        return 1.0
+    return TRAINING_FREE_STRENGTH
+
+
+def feature_tap(contents: NativeContents, name: str = "file") -> str:
+    """Where GarmentsNet's features are taken (metadata feature_tap); files without it: the attn1 input."""
+    from .encoder import FEATURE_TAPS, TAP_INPUT
+
+    tap = contents.metadata.get("feature_tap", TAP_INPUT)
+    if tap not in FEATURE_TAPS:
+        raise FormatError(f"{name}: metadata feature_tap {tap!r} is not one of {', '.join(FEATURE_TAPS)}; "
+                          f"update ComfyUI-AnyDressing")
+    return tap

@@ -21,7 +21,11 @@ Tensors, each group optional; what is absent falls back to the paper's initialis
 
 Optional metadata: injection ("dressing" additive, eq. 6 | "concat" MagicClothing | "separate": each garment
 attended on its own and summed, DreamFit), text_context ("1": GarmentsNet runs with the empty prompt's embedding),
-uncond ("1": the unconditional rows see the garments by default).
+uncond ("1": the unconditional rows see the garments by default), feature_tap (where Encode Garments takes the
+features: "attn1_input", the self-attention input after norm1, the default for files without it; "gfe_output", the
+GFE self-attention output F^new of eq. 4-5), strength (the Dressing-Attention lambda the file was trained at; Apply
+Dressing-Attention's auto strength uses it). Files written by the trainer also record lora_rank, lora_alpha,
+garments_net, loc_reduction, lambda_loc, the base model and the step count.
 
 <layer> is the ldm path of a transformer block, e.g. input_blocks.1.1.transformer_blocks.0,
 middle_block.1.transformer_blocks.0, output_blocks.11.1.transformer_blocks.0.

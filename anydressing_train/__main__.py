@@ -57,6 +57,20 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--lambda-loc", type=float, default=0.01, help="weight of the localization loss (paper: 0.01)")
+    ap.add_argument("--loc-reduction", choices=("sum", "paper_scale", "mean"), default="sum",
+                    help="L_loc per layer: sum (eq. 9, squared norm over the layer's pixels), paper_scale (that sum as at "
+                         "768x576, so lambda-loc 0.01 keeps the paper's balance at any size) or mean (per pixel)")
+    ap.add_argument("--feature-tap", choices=("attn1_input", "gfe_output"), default="attn1_input",
+                    help="GarmentsNet features: attn1_input (the self-attention input after norm1; starts exactly at "
+                         "training-free mode; no LoRA for the last layer, which could not train) or gfe_output "
+                         "(F^new, the GFE self-attention output, eq. 4-5; every layer's LoRA trains)")
+    ap.add_argument("--strength", type=float, default=1.0,
+                    help="Dressing-Attention lambda during training; recorded in the file for Apply's auto strength")
+    ap.add_argument("--val-data", help="a held-out data folder, evaluated every --eval-every steps")
+    ap.add_argument("--val-fraction", type=float, default=0.0,
+                    help="without --val-data: hold out this fraction of --data (seeded) for the evaluation")
+    ap.add_argument("--eval-every", type=int, default=500, help="held-out evaluation every N steps")
+    ap.add_argument("--eval-samples", type=int, default=64, help="held-out samples per evaluation (0: all)")
     ap.add_argument("--dropout", type=float, default=0.1, help="garment dropout probability")
     ap.add_argument("--perceptual-net", help="VGG16 weights (torchvision layout, .safetensors) for the texture loss")
     ap.add_argument("--lambda-tex", type=float, default=0.001, help="weight of the texture loss (paper: 0.001)")
@@ -76,7 +90,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     boot(Path(args.comfyui), flags)
-    import torch
 
     from anydressing_train.data import FolderDataset
     from anydressing_train.engine import accelerate_available, half_dtype, make_engine
@@ -90,57 +103,50 @@ def main(argv=None) -> int:
     if accelerate_available():
         engine = make_engine(args.mixed_precision, cpu="--cpu" in flags, gradient_accumulation_steps=accumulation)
     import comfy.model_management as mm
-    import comfy.sd
+
+    from anydressing_train.checkpoint import load_sd15
 
     if engine is None:
         engine = make_engine(args.mixed_precision, device=mm.get_torch_device(), use_accelerate=False,
                              gradient_accumulation_steps=accumulation)
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)
-    mm.load_models_gpu([model])
     device = engine.device
-    unet = model.model.diffusion_model.to(device).float()
+    models = load_sd15(args.checkpoint, device)
+    unet = models.unet
     if half_dtype(args.mixed_precision) is not None:  # frozen weights in half precision; trained ones stay fp32
         unet = unet.to(half_dtype(args.mixed_precision))
 
-    def encode_image(pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model.model.process_latent_in(vae.encode(pixels)).to(device)
-
-    cache: dict[str, torch.Tensor] = {}
-
-    def encode_text(caption: str) -> torch.Tensor:
-        if caption not in cache:
-            with torch.no_grad():
-                cache[caption] = clip.encode_from_tokens(clip.tokenize(caption)).float().to(device)
-        return cache[caption]
-
     decode, net = None, None
     if args.lambda_tex > 0:
-        decoder = vae.first_stage_model.to(device).float().requires_grad_(False)  # frozen; gradients flow through it
-
-        def vae_decode(z: torch.Tensor) -> torch.Tensor:  # differentiable VAE decode, to [0, 1]
-            return ((decoder.decode(model.model.process_latent_out(z).float()) + 1) / 2).clamp(0, 1)
-
-        decode = vae_decode
-
+        decode = models.decode
         if args.perceptual_net:
             from safetensors.torch import load_file
 
             from anydressing_train.texture import VGGFeatures
 
             net = VGGFeatures(load_file(args.perceptual_net)).to(device)
+    dataset, val = FolderDataset(args.data), None
+    if args.val_data:
+        val = FolderDataset(args.val_data)
+    elif args.val_fraction > 0:
+        dataset, val = dataset.split(args.val_fraction, seed=args.seed)
+    if val is not None and engine.is_main_process:
+        print(f"held-out evaluation: {len(val)} samples ({args.val_data or f'{args.val_fraction:g} of {args.data}'})"
+              f", every {args.eval_every} steps; training on {len(dataset)}", flush=True)
+    # the UNet was loaded for this run alone: hand it over rather than copy it
     trainer = DressingTrainer(unet, args.slots.split(","), rank=args.rank, alpha=args.alpha,
                               finetune_garments_net=args.finetune_garments_net,
-                              gradient_checkpointing=args.gradient_checkpointing).to(device)
-    history = train(trainer, FolderDataset(args.data), encode_image, encode_text, steps=args.steps, lr=args.lr,
+                              gradient_checkpointing=args.gradient_checkpointing, feature_tap=args.feature_tap,
+                              strength=args.strength, loc_reduction=args.loc_reduction, copy_unet=False).to(device)
+    history = train(trainer, dataset, models.encode_image, models.encode_text, steps=args.steps, lr=args.lr,
                     lambda_loc=args.lambda_loc, dropout=args.dropout, seed=args.seed,
                     checkpoint=args.out + ".state.pt", log=args.out + ".losses.csv", progress=True, decode=decode,
                     texture_net=net, lambda_tex=args.lambda_tex, texture_max_t=args.texture_max_t, engine=engine,
-                    save_every=args.save_every, max_grad_norm=args.max_grad_norm)
+                    save_every=args.save_every, max_grad_norm=args.max_grad_norm, val_dataset=val,
+                    eval_every=args.eval_every, eval_limit=args.eval_samples)
     if engine.is_main_process:
         trainer.save(args.out, {"base_model": Path(args.checkpoint).name,
                                 "base_model_sha256_64mib": file_sha256(args.checkpoint),
-                                "steps": len(history), "lambda_loc": args.lambda_loc,
+                                "steps": len(history), "lambda_loc": args.lambda_loc, "lambda_tex": args.lambda_tex,
                                 "mixed_precision": args.mixed_precision, "processes": engine.num_processes,
                                 "batch": engine.num_processes * engine.gradient_accumulation_steps})
         last = history[-1] if history else {}

@@ -37,11 +37,23 @@ def _load_mask(path: Path) -> torch.Tensor:
 
 
 class FolderDataset:
-    def __init__(self, root: str):
+    def __init__(self, root: str, items: list[Path] | None = None):
         self.root = Path(root)
-        self.items = sorted(p for p in self.root.iterdir() if (p / "person.png").is_file())
+        self.items = sorted(p for p in self.root.iterdir() if (p / "person.png").is_file()) if items is None else items
         if not self.items:
             raise ValueError(f"{root}: no sample folders with person.png")
+
+    def split(self, fraction: float, seed: int = 0) -> tuple["FolderDataset", "FolderDataset"]:
+        """(training, held-out): a seeded random `fraction` of the samples (at least one) is held out, so the
+        held-out figures are on samples the run never trains on."""
+        if not 0 < fraction < 1:
+            raise ValueError(f"the held-out fraction must be between 0 and 1, not {fraction}")
+        if len(self.items) < 2:
+            raise ValueError(f"{self.root}: {len(self.items)} sample(s) cannot be split into training and held-out")
+        order = list(self.items)
+        random.Random(seed).shuffle(order)
+        n = min(len(order) - 1, max(1, round(fraction * len(order))))
+        return FolderDataset(str(self.root), sorted(order[n:])), FolderDataset(str(self.root), sorted(order[:n]))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -65,12 +77,39 @@ def augment(sample: Sample, rng: random.Random, dropout: float) -> list[str]:
     return kept
 
 
-def make_synthetic(root: str, count: int = 8, size: int = 64, seed: int = 0) -> None:
-    """Flat striped garments composited into known regions of a simple figure (upper: torso, lower: legs)."""
+SYNTHETIC_LAYOUTS = ("fixed", "random")
+
+
+def _random_regions(rng: np.random.Generator, h: int, w: int) -> dict[str, tuple[slice, slice]]:
+    """Two boxes of random size and place in the two halves of the image (split top/bottom or left/right at random),
+    each slot in either half with equal odds: a garment's place says nothing about its slot."""
+    vertical = bool(rng.integers(2))
+    halves = [(0, h // 2, 0, w), (h // 2, h, 0, w)] if vertical else [(0, h, 0, w // 2), (0, h, w // 2, w)]
+    if rng.integers(2):
+        halves.reverse()
+    regions = {}
+    for slot, (y0, y1, x0, x1) in zip(("upper", "lower"), halves):
+        bh = int(rng.integers((y1 - y0) // 2, (y1 - y0) * 7 // 8 + 1))
+        bw = int(rng.integers((x1 - x0) // 2, (x1 - x0) * 7 // 8 + 1))
+        top = y0 + int(rng.integers(0, y1 - y0 - bh + 1))
+        left = x0 + int(rng.integers(0, x1 - x0 - bw + 1))
+        regions[slot] = (slice(top, top + bh), slice(left, left + bw))
+    return regions
+
+
+def make_synthetic(root: str, count: int = 8, size: int = 64, seed: int = 0, layout: str = "fixed",
+                   first: int = 0) -> None:
+    """Flat striped garments composited into known regions of a simple figure.
+
+    layout "fixed": upper on the torso, lower on the legs (slot -> place is a shortcut); "random": each garment in a
+    random box, the slot giving no hint of where (only its colour and stripes do). Samples are named from `first`,
+    so a held-out set can share a folder name scheme without clashing."""
+    if layout not in SYNTHETIC_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(SYNTHETIC_LAYOUTS)}, not {layout!r}")
     rng = np.random.default_rng(seed)
     root_p = Path(root)
     h = w = size
-    for i in range(count):
+    for i in range(first, first + count):
         d = root_p / f"sample{i:03d}"
         d.mkdir(parents=True, exist_ok=True)
         person = np.full((h, w, 3), 0.5, np.float32)
@@ -78,6 +117,8 @@ def make_synthetic(root: str, count: int = 8, size: int = 64, seed: int = 0) -> 
         person[body] = (0.85, 0.7, 0.6)
         regions = {"upper": (slice(h // 8 + h // 16, h // 2), slice(w // 4, w - w // 4)),
                    "lower": (slice(h // 2, h - h // 8), slice(w // 3, w - w // 3))}
+        if layout == "random":
+            regions = _random_regions(rng, h, w)
         for slot, region in regions.items():
             color = rng.random(3).astype(np.float32)
             period = int(rng.integers(3, 7))

@@ -1,5 +1,6 @@
 """The training loop: diffusion + lambda1 x localization + lambda2 x texture loss, AdamW, on one process or many
-(see engine.py), with gradient accumulation, resumable checkpoints and a CSV loss log."""
+(see engine.py), with gradient accumulation, resumable checkpoints, a CSV loss log and a held-out evaluation every
+N steps (diffusion loss and each garment's attention mass inside and outside its mask, on samples never trained on)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from anydressing_core.masks import resize_to_grid
 
 from .data import augment
 from .engine import LocalEngine
-from .trainer import DressingTrainer
+from .trainer import DressingTrainer, layer_loc_term
 
 EncodeImage = Callable[[torch.Tensor], torch.Tensor]  # [B, H, W, 3] in [0, 1] -> scaled latents [B, 4, h, w]
 EncodeText = Callable[[str], torch.Tensor]  # caption -> [1, 77, 768]
+
+LOSS_NAMES = ("diffusion", "localization", "texture", "total")
+EVAL_TIMESTEPS = (200, 500, 800)  # the held-out evaluation's fixed timesteps (one noise draw each)
 
 
 def batch_for(sample, slots: list[str], encode_image: EncodeImage, encode_text: EncodeText):
@@ -34,12 +38,15 @@ def train(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_t
           checkpoint: Optional[str] = None, log: Optional[str] = None, progress: bool = False,
           decode: Optional[Callable] = None, texture_net=None, lambda_tex: float = 0.001,
           texture_max_t: int = 350, engine: Optional[LocalEngine] = None, save_every: int = 0,
-          max_grad_norm: float = 0.0) -> list[dict]:
+          max_grad_norm: float = 0.0, val_dataset=None, eval_every: int = 0,
+          eval_timesteps=EVAL_TIMESTEPS, eval_limit: int = 0) -> list[dict]:
     """Train for `steps` optimizer steps (resuming from `checkpoint` if it exists); returns the per-step losses.
 
     One step is engine.gradient_accumulation_steps samples on each of engine.num_processes processes; the logged
     losses are their mean. The checkpoint is written every `save_every` steps (0: only at the end), atomically,
-    by the main process."""
+    by the main process. With `val_dataset` (samples never trained on), the main process evaluates it before the
+    first step and every `eval_every` steps (0: at the start and the end only) and adds `val_*` columns to that
+    step's row. A fresh run (no checkpoint to resume) starts a new `log`; a resumed one appends to it."""
     engine = engine or LocalEngine()
     params = [p for p in trainer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -56,10 +63,36 @@ def train(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_t
     rng = random.Random(stream)
     gen = torch.Generator().manual_seed(stream)
     steps_iter = range(start, steps)
+    bar = None
     if progress and engine.is_main_process:
         from tqdm import tqdm
 
-        steps_iter = tqdm(steps_iter, initial=start, total=steps, desc="training", unit="step")
+        steps_iter = bar = tqdm(steps_iter, initial=start, total=steps, desc="training", unit="step")
+    trainer_slots = list(getattr(trainer, "slots", []))
+    fields = ["step", *LOSS_NAMES] + (val_fields(trainer_slots) if val_dataset is not None else [])
+    if log and engine.is_main_process and start == 0:
+        Path(log).unlink(missing_ok=True)  # a fresh run never appends to an old run's log
+
+    def held_out(step: int) -> dict:
+        if val_dataset is None:
+            return {}
+        row = {}
+        if engine.is_main_process:
+            trainer.eval()
+            with engine.autocast():
+                e = evaluate(trainer, val_dataset, encode_image, encode_text, timesteps=eval_timesteps,
+                             limit=eval_limit, slots=trainer_slots)
+            trainer.train()
+            row = {f"val_{k}": v for k, v in e.items()}
+            if bar is not None:
+                bar.set_postfix({"val_diff": f"{e['diffusion']:.4f}", "val_in": f"{e['mass_inside']:.3f}",
+                                 "val_out": f"{e['mass_outside']:.3f}"}, refresh=False)
+        engine.wait_for_everyone()
+        return row
+
+    pending = held_out(start) if start == 0 else {}
+    if pending and log and engine.is_main_process:  # the held-out figures before training (the step-0 row)
+        _write_row(log, fields, {"step": 0, **pending})
     for step in steps_iter:
         sums = dict.fromkeys(LOSS_NAMES, 0.0)
         for _ in range(engine.gradient_accumulation_steps):
@@ -86,14 +119,11 @@ def train(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_t
             for k, v in zip(LOSS_NAMES, means):  # one collective per sample, not one per loss
                 sums[k] += v
         row = {"step": step + 1, **{k: sums[k] / engine.gradient_accumulation_steps for k in LOSS_NAMES}}
+        if val_dataset is not None and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
+            row.update(held_out(step + 1))
         history.append(row)
         if log and engine.is_main_process:
-            new = not Path(log).is_file()
-            with open(log, "a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(row))
-                if new:
-                    w.writeheader()
-                w.writerow(row)
+            _write_row(log, fields, row)
         if checkpoint and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             save_checkpoint(engine, trainer, opt, step + 1, history, checkpoint)
     if checkpoint:
@@ -101,7 +131,21 @@ def train(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_t
     return history
 
 
-LOSS_NAMES = ("diffusion", "localization", "texture", "total")
+
+
+def val_fields(slots: list[str]) -> list[str]:
+    """The held-out columns of the log: overall figures, then each slot's mass inside and outside its mask."""
+    per_slot = [f"val_mass_{side}_{s}" for s in slots for side in ("inside", "outside")]
+    return ["val_diffusion", "val_localization", "val_mass_inside", "val_mass_outside", *per_slot]
+
+
+def _write_row(path: str, fields: list[str], row: dict) -> None:
+    new = not Path(path).is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
 
 
 def save_checkpoint(engine: LocalEngine, trainer: DressingTrainer, opt, step: int, history: list[dict],
@@ -119,18 +163,22 @@ def save_checkpoint(engine: LocalEngine, trainer: DressingTrainer, opt, step: in
 
 @torch.no_grad()
 def evaluate(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_text: EncodeText,
-             timesteps=(100, 300, 500, 700, 900), seed: int = 123, limit: int = 0) -> dict[str, float]:
-    """Fixed noise and timesteps: mean diffusion and localization losses, and each garment's mean attention mass
-    inside its mask minus outside it (averaged over layers)."""
+             timesteps=(100, 300, 500, 700, 900), seed: int = 123, limit: int = 0,
+             slots: Optional[list[str]] = None) -> dict[str, float]:
+    """Fixed noise and timesteps, every garment of each sample: the mean diffusion loss, the localization loss as the
+    trainer reduces it, and each garment's mean attention mass A_k inside its mask and outside it (over layers,
+    timesteps and samples; with two garments and no training both are about 0.5), overall and per slot in `slots`."""
     from anydressing_core.branch import AttentionProbe
 
     gen = torch.Generator().manual_seed(seed)
     diff, loc, inside, outside = [], [], [], []
+    per_slot: dict[str, list[float]] = {}
+    reduction = getattr(trainer, "loc_reduction", "mean")
     for i in range(min(len(dataset), limit) if limit else len(dataset)):
         sample = dataset[i]
-        slots = list(sample.garments)
-        x0, garments, masks, context = batch_for(sample, slots, encode_image, encode_text)
-        features = trainer.encode(garments, slots)
+        sample_slots = list(sample.garments)
+        x0, garments, masks, context = batch_for(sample, sample_slots, encode_image, encode_text)
+        features = trainer.encode(garments, sample_slots)
         for t_val in timesteps:
             t = torch.tensor([t_val], device=x0.device)
             noise = torch.randn(x0.shape, generator=gen).to(x0.device)
@@ -141,12 +189,21 @@ def evaluate(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encod
             for branch in probe.order:
                 for mass, (h, w) in probe.maps[branch].values():
                     target = resize_to_grid(masks, h, w).to(mass.device)
-                    terms.append(float(((mass[:, 0] - target) ** 2).mean()))
+                    sq = (mass[:, 0].float() - target) ** 2
+                    terms.append(float(layer_loc_term(sq, (h, w), tuple(x0.shape[-2:]), reduction).mean()))
                     binary = target > 0.5
-                    for k in range(len(slots)):
+                    for k, slot in enumerate(sample_slots):
                         if binary[k].any() and (~binary[k]).any():
-                            inside.append(float(mass[k, 0][binary[k]].mean()))
-                            outside.append(float(mass[k, 0][~binary[k]].mean()))
+                            a_in, a_out = float(mass[k, 0][binary[k]].mean()), float(mass[k, 0][~binary[k]].mean())
+                            inside.append(a_in)
+                            outside.append(a_out)
+                            per_slot.setdefault(f"mass_inside_{slot}", []).append(a_in)
+                            per_slot.setdefault(f"mass_outside_{slot}", []).append(a_out)
             loc.append(sum(terms) / len(terms))
-    return {"diffusion": sum(diff) / len(diff), "localization": sum(loc) / len(loc),
-            "mass_inside": sum(inside) / len(inside), "mass_outside": sum(outside) / len(outside)}
+    out = {"diffusion": sum(diff) / len(diff), "localization": sum(loc) / len(loc),
+           "mass_inside": sum(inside) / len(inside), "mass_outside": sum(outside) / len(outside)}
+    for slot in slots or []:
+        for side in ("inside", "outside"):
+            values = per_slot.get(f"mass_{side}_{slot}", [])
+            out[f"mass_{side}_{slot}"] = sum(values) / len(values) if values else float("nan")
+    return out

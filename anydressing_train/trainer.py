@@ -5,6 +5,10 @@ Dressing-Attention projections W_k'/W_v' (initialised from W_k/W_v); optionally 
 UNet). Frozen: the denoising UNet (DressingNet) and, by default, GarmentsNet's base weights (the same UNet, as in the
 pack's training-free mode). The forward pass uses the pack's own hooks and attention code, so a trained file gives
 the node pack the same features as training did.
+
+The UNet passed in is never changed: the trainer works on its own copy (requires_grad, device, dtype and
+checkpointing hooks apply to the copy), unless copy_unet=False hands it over (the command line does, since it loaded
+the checkpoint itself).
 """
 
 from __future__ import annotations
@@ -19,13 +23,38 @@ from torch import nn
 
 from anydressing_core.attention import sdpa_attention
 from anydressing_core.branch import PROBE_KEY, AttentionProbe, DressingAttentionReplace, DressingBranch, DressingLayer
-from anydressing_core.encoder import GarmentEncodeHooks, zero_cross_attention_output, zero_cross_attention_replace
+from anydressing_core.encoder import (TAP_INPUT, TAP_OUTPUT, GarmentEncodeHooks, check_tap,
+                                      zero_cross_attention_output, zero_cross_attention_replace)
 from anydressing_core.layers import LayerKey, is_layer_path, key_from_path, path_from_key, sort_keys
 from anydressing_core.lora import LoRA
 from anydressing_core.masks import resize_to_grid
 from anydressing_core.native_format import write_native
 
 SelfAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+# How L_loc reduces (A_k - M_k)^2 within one layer of h x w pixels (then: mean over garments, mean over layers):
+#   "sum"          eq. 9's squared L2 norm, a sum over the layer's pixels: every query of every layer counts once, so
+#                  a layer weighs in proportion to its pixel count (the 96 x 72 layers of a 768 x 576 image 64 times
+#                  the 12 x 9 middle one), and L_loc grows with the image's pixel count while the diffusion loss (a
+#                  mean) does not: lambda1 = 0.01 is the paper's balance at its 768 x 576 only.
+#   "paper_scale"  the same sum as if the image were 768 x 576: each layer's per-pixel mean times the pixel count that
+#                  layer has at 768 x 576 (6912 / f^2 at latent downsampling f). Equal to "sum" at 768 x 576; at any
+#                  other size lambda1 = 0.01 keeps the paper's balance and the same layer weights as "sum".
+#   "mean"         a per-pixel mean (every layer weighs the same; the reduction before issue 13, 1/6912 of "sum" on
+#                  the finest layers at 768 x 576, so lambda1 = 0.01 did nothing).
+LOC_REDUCTIONS = ("sum", "paper_scale", "mean")
+PAPER_LATENT_PIXELS = (768 // 8) * (576 // 8)  # 6912
+
+
+def layer_loc_term(sq: torch.Tensor, grid: tuple[int, int], latent_hw: tuple[int, int], reduction: str
+                   ) -> torch.Tensor:
+    """One layer's L_loc from the squared errors sq [..., h*w]: [...] (garments and rows left to average)."""
+    if reduction == "sum":
+        return sq.sum(-1)
+    if reduction == "mean":
+        return sq.mean(-1)
+    f2 = (latent_hw[0] * latent_hw[1]) / float(grid[0] * grid[1])  # (latent downsampling)^2 of this layer
+    return sq.mean(-1) * (PAPER_LATENT_PIXELS / f2)
 
 
 def format_key(key: LayerKey) -> str:
@@ -61,16 +90,27 @@ class DressingTrainer(nn.Module):
 
     def __init__(self, unet: nn.Module, slots: list[str], rank: int = 8, alpha: float = 8.0,
                  self_attention: Optional[SelfAttention] = None, strength: float = 1.0,
-                 finetune_garments_net: bool = False, gradient_checkpointing: bool = False):
+                 finetune_garments_net: bool = False, gradient_checkpointing: bool = False,
+                 feature_tap: str = TAP_INPUT, loc_reduction: str = "sum", copy_unet: bool = True):
         super().__init__()
-        self.unet = unet.requires_grad_(False)
+        if loc_reduction not in LOC_REDUCTIONS:
+            raise ValueError(f"loc_reduction must be one of {', '.join(LOC_REDUCTIONS)}, not {loc_reduction!r}")
+        if not strength > 0:
+            raise ValueError(f"strength (the Dressing-Attention lambda trained at) must be > 0, not {strength}")
+        self.feature_tap = check_tap(feature_tap)
+        self.loc_reduction = loc_reduction
+        # a private copy: the caller's UNet (e.g. ComfyUI's loaded MODEL) keeps its flags, device and hooks
+        self.unet = (copy.deepcopy(unet) if copy_unet else unet).requires_grad_(False)
         # paper §5.1 may mean the whole GarmentsNet is trained: then it is a float32 copy of the UNet, trained too
         self.garments_net = copy.deepcopy(unet).float().requires_grad_(True) if finetune_garments_net else None
         self.slots = list(slots)
         self.rank, self.alpha, self.strength = rank, float(alpha), strength
-        self.blocks = self_attention_blocks(unet)
+        self.blocks = self_attention_blocks(self.unet)
         if not self.blocks:
             raise ValueError("the UNet has no self-attention transformer blocks")
+        # under the attn1-input tap a layer's q/k/v LoRA only reaches the layers after it: the last layer's would
+        # never get a gradient, so it is not made (nor saved); under F^new every layer's LoRA shapes its own feature
+        self.lora_layers = list(self.blocks) if self.feature_tap == TAP_OUTPUT else list(self.blocks)[:-1]
         self.self_attention = self_attention or _sdpa_self_attention
         self.lora = nn.ParameterDict()
         self.w_k = nn.ParameterDict()
@@ -81,6 +121,8 @@ class DressingTrainer(nn.Module):
             name = format_key(key)
             self.w_k[name] = nn.Parameter(block.attn1.to_k.weight.detach().clone().float())
             self.w_v[name] = nn.Parameter(block.attn1.to_v.weight.detach().clone().float())
+            if key not in self.lora_layers:
+                continue
             for slot in self.slots:
                 for proj in "qkv":
                     # LoRA init: down random, up zero, so training starts from the base GarmentsNet
@@ -88,8 +130,23 @@ class DressingTrainer(nn.Module):
                         torch.randn(rank, c, generator=g) / math.sqrt(c))
                     self.lora[f"{slot}__{name}__{proj}__up"] = nn.Parameter(torch.zeros(c, rank))
         self.register_buffer("alphas_cumprod", ddpm_alphas_cumprod(), persistent=False)
+        if self.garments_net is not None:
+            self._freeze_unreachable_garments_net()
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
+
+    def _freeze_unreachable_garments_net(self) -> None:
+        """A fine-tuned GarmentsNet's weights past the last feature tap (the last block's tail, the output conv) can
+        never get a gradient: found by one small backward pass, they are frozen so the optimizer and DDP skip them.
+        They are still saved, since the loader needs a whole UNet."""
+        net = self.garments_net
+        latents = torch.randn(1, int(getattr(net, "in_channels", 4)), 8, 8, generator=torch.Generator().manual_seed(0))
+        feats = self.encode(latents.to(next(net.parameters()).device), self.slots[:1])
+        sum(f.float().square().mean() for f in feats.values()).backward()
+        for p in net.parameters():
+            if p.grad is None:
+                p.requires_grad_(False)
+        self.zero_grad(set_to_none=True)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each residual and transformer block's activations in the backward pass instead of keeping them
@@ -106,7 +163,7 @@ class DressingTrainer(nn.Module):
     def slot_loras(self) -> dict:
         out: dict = {}
         scale = self.alpha / self.rank
-        for key in self.blocks:
+        for key in self.lora_layers:
             name = format_key(key)
             for slot in self.slots:
                 out.setdefault(slot, {})[key] = {
@@ -117,7 +174,7 @@ class DressingTrainer(nn.Module):
     def encode(self, garment_latents: torch.Tensor, row_slots: list[str]) -> dict[LayerKey, torch.Tensor]:
         """GarmentsNet at t = 0, cross-attention removed, each row through its slot's LoRA: [N, S, C] per layer."""
         n = garment_latents.shape[0]
-        hooks = GarmentEncodeHooks(row_slots, self.slot_loras(), self.self_attention)
+        hooks = GarmentEncodeHooks(row_slots, self.slot_loras(), self.self_attention, tap=self.feature_tap)
         to = {"patches": {"attn1_patch": [hooks.capture], "attn2_output_patch": [zero_cross_attention_output]},
               "patches_replace": {"attn1": {k: hooks.gfe_replace for k in self.blocks},
                                   "attn2": {k: zero_cross_attention_replace for k in self.blocks}}}
@@ -169,7 +226,10 @@ class DressingTrainer(nn.Module):
         for branch in probe.order:
             for mass, (h, w) in probe.maps[branch].values():  # mass: [N, rows, h*w]
                 target = resize_to_grid(person_masks, h, w).to(mass.device)
-                terms.append(((mass - target.unsqueeze(1)) ** 2).mean())
+                sq = (mass.float() - target.unsqueeze(1)) ** 2  # [N, rows, h*w]
+                # eq. 9: ||A_k - M_k||^2 over the layer's pixels, then the mean over garments (and rows)
+                terms.append(layer_loc_term(sq, (h, w), tuple(x0.shape[-2:]), self.loc_reduction).mean())
+        # the (1/m) sum over the m Dressing-Attention layers of section 4.4
         out["localization"] = torch.stack(terms).mean() if terms else x0.new_zeros(())
         out["texture"] = x0.new_zeros(())
         if texture is not None and int(t.max()) <= texture.get("max_t", 350):
@@ -189,7 +249,7 @@ class DressingTrainer(nn.Module):
         loras = {}
         scale_alpha = self.alpha
         for slot in self.slots:
-            for key in self.blocks:
+            for key in self.lora_layers:
                 name = format_key(key)
                 loras.setdefault(slot, {})[path_from_key(key)] = {
                     proj: (self.lora[f"{slot}__{name}__{proj}__down"].detach().cpu().float(),
@@ -198,7 +258,9 @@ class DressingTrainer(nn.Module):
         dressing = {path_from_key(k): (self.w_k[format_key(k)].detach().cpu().float(),
                                        self.w_v[format_key(k)].detach().cpu().float()) for k in self.blocks}
         meta = {"lora_rank": str(self.rank), "lora_alpha": str(self.alpha),
-                "garments_net": "fine-tuned" if self.garments_net is not None else "base"}
+                "garments_net": "fine-tuned" if self.garments_net is not None else "base",
+                "feature_tap": self.feature_tap, "strength": repr(float(self.strength)),
+                "loc_reduction": self.loc_reduction}
         meta.update({k: str(v) for k, v in metadata.items()})
         unet = None
         if self.garments_net is not None:  # group (a), ldm naming; the loader uses it instead of the MODEL's UNet

@@ -1,10 +1,11 @@
-"""The "does it learn" run of the training issue at any length, on the CPU or a GPU: the synthetic dataset (striped
-garments composited into known regions of a simple figure), an SD1.5-architecture UNet with random weights, and the
-figures before and after training (diffusion and localization losses, each garment's attention mass inside and
-outside its mask), plus seconds per step and peak memory.
+"""The "does it learn" run of training, on held-out samples only, on the CPU or a GPU: a synthetic dataset (striped
+garments composited into the image, by default each in a random box so that a garment's place says nothing about its
+slot), an SD1.5-architecture UNet with random weights, and held-out figures (samples generated with another seed,
+never trained on): the diffusion loss and each garment's attention mass inside and outside its mask, for the
+pack's training-free mode and then every --eval-every steps of training; plus seconds per step and peak memory.
 
-CPU (what the test does, longer):
-    python bench/train_synthetic.py --channels 32 --steps 200
+CPU (the README's table; add --mixed-precision bf16 for its bf16 rows, --feature-tap gfe_output for the other tap):
+    python bench/train_synthetic.py --cpu --steps 300 --eval-every 50 --lr 3e-3
 GPU (full SD1.5 width, bf16, checkpointing; the pinned ComfyUI in the git-ignored .comfyui/, carried):
     python bench/train_synthetic.py --channels 320 --size 256 --steps 2000 --mixed-precision bf16 \\
         --gradient-checkpointing
@@ -29,12 +30,22 @@ def main() -> int:
     ap.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, else the tests' pinned host)")
     ap.add_argument("--channels", type=int, default=32, help="UNet width (320 = SD1.5)")
     ap.add_argument("--size", type=int, default=64, help="image side of the synthetic samples")
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--lambda-loc", type=float, default=10.0)
+    ap.add_argument("--samples", type=int, default=32, help="training samples")
+    ap.add_argument("--val-samples", type=int, default=8, help="held-out samples (another seed)")
+    ap.add_argument("--layout", default="random", choices=("random", "fixed"))
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lambda-loc", type=float, default=0.01)
+    ap.add_argument("--lambda-tex", type=float, default=0.001, help="texture loss weight (edge term; 0: off)")
+    # paper_scale: these 64 x 64 samples stand in for the paper's 768 x 576, where eq. 9's sum is 108 times larger
+    ap.add_argument("--loc-reduction", default="paper_scale", choices=("sum", "paper_scale", "mean"))
+    ap.add_argument("--feature-tap", default="attn1_input", choices=("attn1_input", "gfe_output"))
+    ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--mixed-precision", default="no")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log", help="CSV of the per-step losses and held-out figures")
     ap.add_argument("--cpu", action="store_true")
     args = ap.parse_args()
 
@@ -48,14 +59,16 @@ def main() -> int:
     import comfy.model_management as mm
     from anydressing_train.data import FolderDataset, make_synthetic
     from anydressing_train.engine import half_dtype, make_engine
-    from anydressing_train.loop import evaluate, train
+    from anydressing_train.loop import EVAL_TIMESTEPS, evaluate, train
     from anydressing_train.trainer import DressingTrainer
 
+    torch.manual_seed(args.seed)
     device = mm.get_torch_device()
     engine = make_engine(args.mixed_precision, device=device, cpu=device.type == "cpu", use_accelerate=False)
-    root = tempfile.mkdtemp(prefix="anydressing-synthetic-")
-    make_synthetic(root, count=args.samples, size=args.size)
-    ds = FolderDataset(root)
+    root = Path(tempfile.mkdtemp(prefix="anydressing-synthetic-"))
+    make_synthetic(str(root / "train"), count=args.samples, size=args.size, seed=0, layout=args.layout)
+    make_synthetic(str(root / "val"), count=args.val_samples, size=args.size, seed=1, layout=args.layout)
+    ds, val = FolderDataset(str(root / "train")), FolderDataset(str(root / "val"))
     unet = adtest_tiny.tiny_model_patcher(0, model_channels=args.channels).model.diffusion_model.to(device)
     if half_dtype(args.mixed_precision) is not None:
         unet = unet.to(half_dtype(args.mixed_precision))
@@ -66,28 +79,51 @@ def main() -> int:
         with torch.no_grad():
             return (vae.encode(x) * 0.18215).to(device)
 
-    tr = DressingTrainer(unet, ["upper", "lower"], rank=4, alpha=4.0,
-                         gradient_checkpointing=args.gradient_checkpointing).to(device)
+    decode = None
+    if args.lambda_tex > 0:
+        decoder = vae.first_stage_model.to(device).float().requires_grad_(False)
+
+        def decode(z):  # differentiable, to [0, 1]
+            return ((decoder.decode(z.float() / 0.18215) + 1) / 2).clamp(0, 1)
+
+    slots = ["upper", "lower"]
+    # the pack's training-free mode: zero LoRA, W' = W, the attn1-input tap, strength 0.7
+    free = DressingTrainer(unet, slots, rank=args.rank, alpha=float(args.rank), feature_tap="attn1_input",
+                           strength=0.7, loc_reduction=args.loc_reduction, copy_unet=False)
     with engine.autocast():
-        before = evaluate(tr, ds, encode_image, lambda c: context, timesteps=(200, 500, 800), limit=8)
+        baseline = evaluate(free, val, encode_image, lambda c: context, timesteps=EVAL_TIMESTEPS, slots=slots)
+    del free
+    tr = DressingTrainer(unet, slots, rank=args.rank, alpha=float(args.rank), feature_tap=args.feature_tap,
+                         loc_reduction=args.loc_reduction, gradient_checkpointing=args.gradient_checkpointing,
+                         copy_unet=False).to(device)
     import peak_memory
 
     peak_memory.reset(device)
     start = time.perf_counter()
     history = train(tr, ds, encode_image, lambda c: context, steps=args.steps, lr=args.lr,
-                    lambda_loc=args.lambda_loc, dropout=0.0, engine=engine)
+                    lambda_loc=args.lambda_loc, lambda_tex=args.lambda_tex, decode=decode, dropout=0.0,
+                    engine=engine, seed=args.seed, val_dataset=val, eval_every=args.eval_every, log=args.log)
     seconds = (time.perf_counter() - start) / max(1, args.steps)
     peak = peak_memory.peak_mib(device)
-    with engine.autocast():
-        after = evaluate(tr, ds, encode_image, lambda c: context, timesteps=(200, 500, 800), limit=8)
-    print(f"device {device} channels {args.channels} size {args.size} steps {args.steps} "
+    print(f"device {device} channels {args.channels} size {args.size} layout {args.layout} train {args.samples} "
+          f"held-out {args.val_samples} steps {args.steps} lr {args.lr} lambda_loc {args.lambda_loc} "
+          f"lambda_tex {args.lambda_tex} reduction {args.loc_reduction} tap {args.feature_tap} "
           f"precision {args.mixed_precision} checkpointing {args.gradient_checkpointing}")
-    print(f"{'':14}{'diffusion':>11}{'localization':>14}{'mass inside':>13}{'mass outside':>14}")
-    for name, e in (("before", before), ("after", after)):
-        print(f"{name:14}{e['diffusion']:11.4f}{e['localization']:14.4f}{e['mass_inside']:13.4f}"
-              f"{e['mass_outside']:14.4f}")
+    print("held-out figures (samples never trained on):")
+    print(f"{'':16}{'diffusion':>11}{'localization':>14}{'mass inside':>13}{'mass outside':>14}"
+          f"{'upper in/out':>15}{'lower in/out':>15}")
+
+    def line(name, e):
+        print(f"{name:16}{e['diffusion']:11.4f}{e['localization']:14.4f}{e['mass_inside']:13.4f}"
+              f"{e['mass_outside']:14.4f}{e['mass_inside_upper']:8.3f}/{e['mass_outside_upper']:.3f}"
+              f"{e['mass_inside_lower']:8.3f}/{e['mass_outside_lower']:.3f}")
+
+    line("training-free", baseline)
+    for row in history:
+        if "val_diffusion" in row:
+            line(f"step {row['step']}", {k[4:]: v for k, v in row.items() if k.startswith("val_")})
     first, last = history[0], history[-1]
-    print(f"training loss: first step {first['total']:.4f}, last step {last['total']:.4f}; "
+    print(f"training loss (training samples): first step {first['total']:.4f}, last step {last['total']:.4f}; "
           f"{seconds:.3f} s/step; peak memory {peak_memory.kind(device)} {peak:.0f} MiB")
     return 0
 

@@ -60,6 +60,16 @@ def build_layers(features: GarmentFeatures, blocks: dict) -> dict:
     return layers
 
 
+def resolve_strength(strength: Optional[float], features: GarmentFeatures) -> float:
+    """A negative (or missing) strength is auto: the lambda the garment model is meant for (GarmentFeatures.strength,
+    from the GarmentsNet file); 0 and up are used as given."""
+    if strength is None or strength < 0:
+        value = float(getattr(features, "strength", 0.7))
+        glue.info(f"{NODE}: strength auto = {value:g} for {features.source or 'these garments'}")
+        return value
+    return float(strength)
+
+
 def apply(model: Any, features: GarmentFeatures, strength: float, weights_text: str, start_percent: float,
           end_percent: float, include_uncond, masks: Optional[torch.Tensor]) -> Any:
     if not isinstance(features, GarmentFeatures):
@@ -68,6 +78,7 @@ def apply(model: Any, features: GarmentFeatures, strength: float, weights_text: 
         raise glue.NodeError(NODE, f"start_percent ({start_percent}) is after end_percent ({end_percent}); "
                                    f"set start_percent <= end_percent")
     weights = parse_weights(weights_text, features.count)
+    strength = resolve_strength(strength, features)
     if include_uncond in ("auto", None):  # the model's authors' choice: off (paper eq. 16) except DreamFit
         include_uncond = getattr(features, "uncond_default", False)
     elif isinstance(include_uncond, str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..anydressing_core.encoder import (GarmentEncodeHooks, zero_cross_attention_output,
+from ..anydressing_core.encoder import (TAP_INPUT, TAP_OUTPUT, GarmentEncodeHooks, zero_cross_attention_output,
                                         zero_cross_attention_replace)
 from ..anydressing_core.features import GarmentFeatures
 from ..anydressing_core.layers import format_key
@@ -83,8 +83,9 @@ def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str], clip=
     context_dim = int(model.model_config.unet_config.get("context_dim", 768))
     timesteps = torch.zeros((n,), device=device, dtype=torch.float32)
 
+    tap = getattr(gnet, "feature_tap", TAP_INPUT)
     progress = glue.progress_bar(len(blocks))  # one tick per layer, like KSampler's per step
-    hooks = GarmentEncodeHooks(row_slots, gnet.loras, glue.self_attention, on_layer=progress)
+    hooks = GarmentEncodeHooks(row_slots, gnet.loras, glue.self_attention, tap=tap, on_layer=progress)
     if image_ctx is not None:
         context = image_ctx.to(device=device, dtype=dtype)
         transformer_options = {"patches": {"attn1_patch": [hooks.capture]}, "patches_replace": {}}
@@ -97,7 +98,7 @@ def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str], clip=
             "patches": {"attn1_patch": [hooks.capture], "attn2_output_patch": [zero_cross_attention_output]},
             "patches_replace": {"attn2": {k: zero_cross_attention_replace for k in blocks}},
         }
-    if any(slot in gnet.loras for slot in row_slots):
+    if tap == TAP_OUTPUT or any(slot in gnet.loras for slot in row_slots):  # F^new is kept by the replacement
         transformer_options["patches_replace"]["attn1"] = {k: hooks.gfe_replace for k in blocks}
     with torch.no_grad():
         extra = {}
@@ -116,7 +117,9 @@ def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str], clip=
     feats = GarmentFeatures.from_batched(row_slots, captured, hooks.grids, dressing_weights=dressing,
                                          source=gnet.source, injection=gnet.injection,
                                          uncond_default=gnet.uncond_default,
-                                         weighted_layers_only=gnet.weighted_layers_only)
-    glue.info(f"{NODE}: encoded {n} garment(s) ({', '.join(row_slots)}) with {gnet.source}: {len(blocks)} layers, "
+                                         weighted_layers_only=gnet.weighted_layers_only,
+                                         strength=getattr(gnet, "strength", 0.7))
+    glue.info(f"{NODE}: encoded {n} garment(s) ({', '.join(row_slots)}) with {gnet.source} ({tap} features): "
+              f"{len(blocks)} layers, "
               f"{feats.nbytes_per_garment() / 2**20:.1f} MiB per garment")
     return feats

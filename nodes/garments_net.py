@@ -16,7 +16,8 @@ import comfy.utils
 
 from ..anydressing_core.layers import LayerKey
 from ..anydressing_core.lora import SlotLoRAs
-from ..anydressing_core.formats import load_contents
+from ..anydressing_core.encoder import TAP_INPUT
+from ..anydressing_core.formats import TRAINING_FREE_STRENGTH, feature_tap, inference_strength, load_contents
 from ..anydressing_core.native_format import FormatError, NativeContents
 from ..anydressing_core.resampler import resampler_from_weights
 from .glue import NodeError
@@ -38,6 +39,8 @@ class GarmentsNet:
     image_proj: Any = None  # a Resampler: CLIP vision features -> cross-attention context (IMAGDressing)
     uncond_default: bool = False  # the authors let the unconditional rows see the garments (DreamFit)
     weighted_layers_only: bool = False  # garments enter only the layers the file has W_k'/W_v' for (DreamFit)
+    feature_tap: str = TAP_INPUT  # where Encode Garments takes the features (metadata feature_tap)
+    strength: float = TRAINING_FREE_STRENGTH  # the lambda Apply Dressing-Attention's auto strength uses
 
     @property
     def slots(self) -> list[str]:
@@ -157,6 +160,10 @@ def from_contents(contents: NativeContents, name: str, base_model: Optional[Any]
     if injection not in ("dressing", "concat", "separate"):
         raise NodeError(NODE, f"{name}: metadata injection {injection!r} is not 'dressing', 'concat' or 'separate'")
     text = meta.get("text_context", "1" if injection == "concat" else "0") == "1"
+    try:
+        tap, strength = feature_tap(contents, name), inference_strength(contents, name)
+    except FormatError as e:
+        raise NodeError(NODE, str(e)) from None
     image_proj = None
     if contents.image_proj:
         try:
@@ -166,7 +173,8 @@ def from_contents(contents: NativeContents, name: str, base_model: Optional[Any]
     return GarmentsNet(patcher=patcher, loras=contents.loras, dressing=contents.dressing, source=name,
                        injection=injection, text_context=text, image_proj=image_proj,
                        uncond_default=meta.get("uncond", "0") == "1",
-                       weighted_layers_only=meta.get("layers", "all") == "dressing")
+                       weighted_layers_only=meta.get("layers", "all") == "dressing", feature_tap=tap,
+                       strength=strength)
 
 
 def load(choice: str, path: Optional[str], base_model: Optional[Any], extra_path: Optional[str] = None) -> GarmentsNet:

@@ -201,6 +201,9 @@ class EncodeGarments:
         return (features, pixels)
 
 
+AUTO_STRENGTH = -1.0  # a negative strength means auto; a FLOAT sentinel keeps old saved workflows' values valid
+
+
 class ApplyDressingAttention:
     DESCRIPTION = ("Patches a copy of the MODEL so every self-attention layer becomes Dressing-Attention: "
                    "O = SelfAttn(Q,K,V) + strength * Attn(Q, F W_k', F W_v') over all garments' tokens (one softmax, "
@@ -217,9 +220,12 @@ class ApplyDressingAttention:
             "required": {
                 "model": ("MODEL", {"tooltip": "Your SD1.5-family MODEL (DressingNet). It is cloned, never changed."}),
                 "garment_features": ("GARMENT_FEATURES", {"tooltip": "From Encode Garments."}),
-                "strength": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 3.0, "step": 0.05,
-                                       "tooltip": "lambda: how strongly garments enter self-attention (paper: 0.7). "
-                                                  "0 leaves the MODEL unchanged."}),
+                "strength": ("FLOAT", {"default": AUTO_STRENGTH, "min": AUTO_STRENGTH, "max": 3.0, "step": 0.05,
+                                       "tooltip": "lambda: how strongly garments enter self-attention. -1 (any "
+                                                  "negative value) = auto: the strength the garment model is meant "
+                                                  "for (a trained AnyDressing file's recorded value; 1.0 for "
+                                                  "MagicClothing, IMAGDressing and DreamFit files; 0.7, the "
+                                                  "paper's, for training-free). 0 leaves the MODEL unchanged."}),
                 "garment_weights": ("STRING", {"default": "", "multiline": False,
                                                "tooltip": "Optional weight per garment, comma-separated in Encode "
                                                           "Garments order (e.g. '1.0, 0.6'). Empty: all 1.0."}),

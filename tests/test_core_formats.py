@@ -173,3 +173,81 @@ def test_write_native_accepts_shared_tensors(tmp_path):
                  dressing={LAYER: (w, w)})
     c = read_native(str(tmp_path / "shared.safetensors"))
     assert torch.equal(c.dressing[("input", 1, 0)]["k"], w) and torch.equal(c.unet[f"{LAYER}.attn1.to_k.weight"], w)
+
+
+def test_inference_strength_and_feature_tap_come_from_the_file(tmp_path):
+    """Apply's auto strength: the recorded training strength; 1.0 for peer formats (their processors have no scale)
+    and for trained files from before it was recorded; 0.7 (the paper's) for plain UNets. Old files: attn1 input."""
+    from anydressing_core.formats import feature_tap, inference_strength
+    from anydressing_core.native_format import NativeContents
+
+    g = torch.Generator().manual_seed(0)
+    lora = {"upper": {LAYER: {"q": (torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g), 4.0)}}}
+    path = tmp_path / "trained.safetensors"
+    write_native(str(path), loras=lora, extra_metadata={"strength": "0.85", "feature_tap": "gfe_output"})
+    c = read_native(str(path))
+    assert inference_strength(c) == 0.85 and feature_tap(c) == "gfe_output"
+    write_native(str(path), loras=lora)  # a trained file written before issue 13: no strength, no tap
+    c = read_native(str(path))
+    assert inference_strength(c) == 1.0 and feature_tap(c) == "attn1_input"
+    for source in ("magicclothing", "ip_layer", "imagdressing", "dreamfit"):
+        assert inference_strength(NativeContents(metadata={"source_format": source})) == 1.0, source
+    assert inference_strength(NativeContents(metadata={"source_format": "ldm_unet"})) == 0.7
+    with pytest.raises(FormatError, match=r"x.safetensors: metadata strength -1.0 must be a finite number > 0"):
+        inference_strength(NativeContents(metadata={"strength": "-1"}), "x.safetensors")
+    with pytest.raises(FormatError, match=r"x.safetensors: metadata feature_tap 'attn2' is not one of "
+                                          r"attn1_input, gfe_output; update ComfyUI-AnyDressing"):
+        feature_tap(NativeContents(metadata={"feature_tap": "attn2"}), "x.safetensors")
+
+
+def test_gfe_output_tap_keeps_the_lora_self_attention_output():
+    """F^new (eq. 4-5): the replacement's own output is the feature, so a layer's LoRA changes that layer's feature;
+    under the attn1-input tap the feature is the block's input and the same LoRA leaves it untouched."""
+    g = torch.Generator().manual_seed(1)
+    n = torch.randn(2, 6, 32, generator=g)
+    proj = {p: torch.randn(32, 32, generator=g) / 6 for p in "qkv"}
+    key = ("input", 1, 0)
+    extra = {"block": ("input", 1), "block_index": 0, "n_heads": 2}
+    lora = {"upper": {key: {"v": LoRA(torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g), 1.0)}}}
+
+    def run(tap, loras):
+        hooks = GarmentEncodeHooks(["upper", "upper"], loras, lambda q, k, v, e: sdpa_attention(q, k, v, 2), tap=tap)
+        hooks.capture(n, None, None, extra)
+        out = hooks.gfe_replace(n @ proj["q"].T, n @ proj["k"].T, n @ proj["v"].T, extra)
+        return hooks.captured[key], out
+
+    feat, out = run("gfe_output", lora)
+    assert torch.equal(feat, out)
+    plain = sdpa_attention(n @ proj["q"].T, n @ proj["k"].T, n @ proj["v"].T + lora["upper"][key]["v"].delta(n), 2)
+    assert float((feat - plain).abs().max()) < 1e-5
+    assert float((feat - run("gfe_output", {})[0]).abs().max()) > 1e-3  # the LoRA reaches its own layer's feature
+    assert torch.equal(run("attn1_input", lora)[0], n)
+    with pytest.raises(ValueError, match="feature tap must be one of attn1_input, gfe_output, not 'attn2'"):
+        GarmentEncodeHooks(["upper"], {}, sdpa_attention, tap="attn2")
+
+
+def test_readme_training_example_defines_or_imports_everything_it_calls():
+    """The README's Python training example is complete: every name it uses is imported or assigned in it (or a
+    builtin), and every `from anydressing_train... import x` names something that exists."""
+    import builtins
+    import importlib
+    import re
+
+    text = (REPO / "README.md").read_text()
+    training = text[text.index("## Training"):]
+    code = re.search(r"From Python.*?```python\n(.*?)```", training, re.S).group(1)
+    tree = ast.parse(code)
+    bound = set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assert used - bound == set()
+    assert {"encode_image", "encode_text"} & used == set()  # no undefined helpers: they come from load_sd15
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module.startswith("anydressing_train"):
+            module = importlib.import_module(node.module)
+            assert all(hasattr(module, a.name) for a in node.names), node.module
+    assert "process_latent_in" in training and "copy_unet" in code

@@ -246,6 +246,7 @@ def test_training_command_on_a_full_size_checkpoint(host, tmp_path):
                         str(ckpt), "--data", str(tmp_path / "data"), "--steps", "2", "--rank", "4", "--alpha", "4",
                         "--perceptual-net", str(tmp_path / "vgg16.safetensors"), "--texture-max-t", "1000",
                         "--mixed-precision", "bf16", "--gradient-checkpointing", "--save-every", "1",
+                        "--val-fraction", "0.5", "--eval-every", "1",
                         "--out", str(out), "--", "--cpu", "--use-pytorch-cross-attention"],
                        cwd=host_mod.REPO, capture_output=True, text=True, env=dict(os.environ), timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -254,8 +255,13 @@ def test_training_command_on_a_full_size_checkpoint(host, tmp_path):
     assert c.metadata["base_model"] == "train_base.safetensors" and len(c.metadata["base_model_sha256_64mib"]) == 64
     assert c.metadata["mixed_precision"] == "bf16" and c.metadata["processes"] == "1"
     assert all(w.dtype == torch.float32 for d in c.dressing.values() for w in d.values())  # trained weights: fp32
-    log = (tmp_path / "trained.safetensors.losses.csv").read_text().splitlines()
-    assert len(log) == 3 and log[0].split(",")[3] == "texture" and all(float(r.split(",")[3]) > 0 for r in log[1:])
+    assert c.metadata["feature_tap"] == "attn1_input" and float(c.metadata["strength"]) == 1.0
+    assert c.metadata["loc_reduction"] == "sum" and len(c.loras["upper"]) == 15  # no untrainable last-layer LoRA
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "trained.safetensors.losses.csv").open()))
+    assert [r["step"] for r in rows] == ["0", "1", "2"] and all(float(r["texture"]) > 0 for r in rows[1:])
+    assert all(0 < float(r["val_mass_inside_upper"]) < 1 and float(r["val_diffusion"]) > 0 for r in rows)
     ckpt.unlink()
 
 

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "workflows"
+AUTO = -1.0  # Apply Dressing-Attention's auto strength (the value the garment model is meant for)
 SD15 = {"name": "v1-5-pruned-emaonly-fp16.safetensors",
         "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
                "v1-5-pruned-emaonly-fp16.safetensors",
@@ -143,7 +144,7 @@ def sample_and_save(g: Graph, model_ref, pos_ref, neg_ref, vae_ref, latent_ref=N
     return dec
 
 
-def apply_node(g: Graph, model_ref, enc, strength=0.7, pos=(880, 400)):
+def apply_node(g: Graph, model_ref, enc, strength=AUTO, pos=(880, 400)):
     apply = g.node("AnyDressingApplyDressingAttention", pos, [strength, "", 0.0, 1.0, "auto"],
                    [("model", "MODEL"), ("garment_features", "GARMENT_FEATURES"), ("garment_masks", "GARMENT_MASKS")],
                    [("model", "MODEL")], size=(340, 200))
@@ -221,7 +222,7 @@ def magicclothing_joint():
     gnet = next(n for n in g.nodes if n["type"] == "AnyDressingLoadGarmentsNet")
     gnet["widgets_values"] = [MAGIC["name"], "none"]
     g.link(ckpt, 1, enc, "clip")
-    apply = apply_node(g, (ckpt, 0), enc, strength=1.0)
+    apply = apply_node(g, (ckpt, 0), enc)  # auto: 1.0 for MagicClothing files
     guide = g.node("AnyDressingGarmentGuidance", (880, 660), [2.5], [("model", "MODEL")], [("model", "MODEL")],
                    size=(320, 80))
     g.link(apply, 0, guide, "model")
@@ -284,7 +285,7 @@ def pose_three_garments():
                  [("positive", "CONDITIONING"), ("negative", "CONDITIONING")], size=(320, 190))
     masks = g.node("AnyDressingGarmentMasks", (880, 380), [576, 768, 8, 8, 0, ""], MASK_INPUTS,
                    [("garment_masks", "GARMENT_MASKS"), ("masks", "MASK")], size=(360, 420))
-    apply = g.node("AnyDressingApplyDressingAttention", (880, 860), [0.7, "", 0.0, 1.0, "auto"],
+    apply = g.node("AnyDressingApplyDressingAttention", (880, 860), [AUTO, "", 0.0, 1.0, "auto"],
                    [("model", "MODEL"), ("garment_features", "GARMENT_FEATURES"), ("garment_masks", "GARMENT_MASKS")],
                    [("model", "MODEL")], size=(340, 200))
     latent = g.node("EmptyLatentImage", (880, 1100), [576, 768, 1], [], [("LATENT", "LATENT")], size=(320, 110))
