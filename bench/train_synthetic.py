@@ -25,6 +25,40 @@ sys.path.insert(0, str(REPO / "tests" / "fixture_pack"))
 sys.path.insert(0, str(REPO / "bench"))
 
 
+def pretrain_unet(unet, dataset, encode_image, context, steps: int, lr: float, seed: int) -> None:
+    """Plain epsilon-prediction training of the whole UNet on person images (no garments): a stand-in for the
+    pretraining a real SD1.5 UNet has, which a UNet with random weights lacks. Never on the bench's held-out set."""
+    import torch
+
+    from anydressing_train.trainer import ddpm_alphas_cumprod
+
+    alphas = ddpm_alphas_cumprod()
+    gen = torch.Generator().manual_seed(1000 + seed)
+    latents = torch.cat([encode_image(dataset[i].person.unsqueeze(0)) for i in range(len(dataset))], dim=0)
+    dev = latents.device
+    unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    first = last = None
+    for step in range(steps):
+        idx = torch.randint(0, latents.shape[0], (4,), generator=gen)
+        x0 = latents[idx]
+        t = torch.randint(0, 1000, (4,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        a = alphas[t].view(-1, 1, 1, 1).to(dev)
+        eps = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, timesteps=t.float().to(dev),
+                   context=context.expand(4, -1, -1))
+        loss = torch.nn.functional.mse_loss(eps.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = float(loss.detach())
+        first = value if first is None else first
+        last = value if last is None else 0.95 * last + 0.05 * value
+    unet.eval().requires_grad_(False)
+    print(f"pretrained the UNet: {steps} steps, diffusion loss {first:.4f} at the first step, {last:.4f} "
+          f"(moving average) at the last")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, else the tests' pinned host)")
@@ -47,6 +81,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log", help="CSV of the per-step losses and held-out figures")
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--pretrain-steps", type=int, default=0,
+                    help="first train the random UNet as a plain diffusion model on other synthetic images (batch 4, "
+                         "its own seed), so DressingNet's queries carry what an SD1.5 UNet's do about a pixel; 0: off")
+    ap.add_argument("--pretrain-lr", type=float, default=1e-3)
     args = ap.parse_args()
 
     from anydressing_train.__main__ import boot
@@ -70,14 +108,20 @@ def main() -> int:
     make_synthetic(str(root / "val"), count=args.val_samples, size=args.size, seed=1, layout=args.layout)
     ds, val = FolderDataset(str(root / "train")), FolderDataset(str(root / "val"))
     unet = adtest_tiny.tiny_model_patcher(0, model_channels=args.channels).model.diffusion_model.to(device)
-    if half_dtype(args.mixed_precision) is not None:
-        unet = unet.to(half_dtype(args.mixed_precision))
     vae = adtest_tiny.tiny_vae(0)
     context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(5)).to(device)
 
     def encode_image(x):
         with torch.no_grad():
             return (vae.encode(x) * 0.18215).to(device)
+
+    if args.pretrain_steps:
+        pre_root = root / "pretrain"
+        make_synthetic(str(pre_root), count=64, size=args.size, seed=2, layout=args.layout)
+        pretrain_unet(unet, FolderDataset(str(pre_root)), encode_image, context, args.pretrain_steps,
+                      args.pretrain_lr, args.seed)
+    if half_dtype(args.mixed_precision) is not None:
+        unet = unet.to(half_dtype(args.mixed_precision))
 
     decode = None
     if args.lambda_tex > 0:
