@@ -1,7 +1,8 @@
 """Find and boot the real ComfyUI host, once per process, for the host tests.
 
 Search order: $COMFYUI_PATH; the ComfyUI whose custom_nodes/ contains this pack; the pinned host (tests/comfyui.version),
-extracted once from ../shared/host/ComfyUI-<version>.tar.gz into the git-ignored .comfyui/ComfyUI-<version>/.
+extracted once from ../shared/host/ComfyUI-<version>.tar.gz (beside this checkout, or beside the checkout a local
+clone was made from) into the git-ignored .comfyui/ComfyUI-<version>/.
 ~/ComfyUI is deliberately not searched: it may be any version, and a green run on an unknown host proves little.
 """
 
@@ -22,7 +23,37 @@ SHIMS = Path(__file__).resolve().parent / "shims"
 FIXTURE_PACK = Path(__file__).resolve().parent / "fixture_pack"
 PACK_LINK_NAME = "ComfyUI-AnyDressing"
 VERSION_FILE = Path(__file__).resolve().parent / "comfyui.version"
-SHARED_HOST = REPO.parent / "shared" / "host"
+
+
+def _local_origin(repo: Path) -> Optional[Path]:
+    """The checkout a local clone (`git clone . DIR`) was made from, if its origin is a folder on this machine."""
+    import subprocess
+
+    try:
+        url = subprocess.run(["git", "-C", str(repo), "config", "--get", "remote.origin.url"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not url or "://" in url and not url.startswith("file://") or (":" in url and "@" in url):
+        return None
+    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    path = path if path.is_absolute() else (repo / path)
+    return path.resolve() if path.is_dir() else None
+
+
+def shared_host_dir(repo: Path) -> Path:
+    """../shared/host beside this checkout; for a local clone, beside the checkout it was cloned from (so
+    `git clone -q . "$(mktemp -d)"` still finds the pinned host)."""
+    here = repo.parent / "shared" / "host"
+    if here.is_dir():
+        return here
+    origin = _local_origin(repo)
+    if origin is not None and (origin.parent / "shared" / "host").is_dir():
+        return origin.parent / "shared" / "host"
+    return here
+
+
+SHARED_HOST = shared_host_dir(REPO)
 CACHE = REPO / ".comfyui"
 UPSTREAM = "https://github.com/Comfy-Org/ComfyUI"
 

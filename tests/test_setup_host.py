@@ -129,3 +129,15 @@ def test_run_sh_fails_under_ci_without_a_host(tmp_path):
     assert r.stderr.splitlines()[-2:] == [
         f"CI: COMFYUI_PATH={tmp_path / 'nowhere'} is not a ComfyUI checkout (no comfy/model_patcher.py and execution.py)",
         "CI must run the host tests: a missing host is a failure here."]
+
+
+def test_a_local_clone_finds_the_shared_host_beside_its_origin(tmp_path):
+    """`git clone -q . "$(mktemp -d)"` has no ../shared of its own; the checkout it came from has."""
+    (tmp_path / "work" / "shared" / "host").mkdir(parents=True)
+    origin, clone = tmp_path / "work" / "main", tmp_path / "elsewhere" / "clone"
+    subprocess.run(["git", "init", "-q", str(origin)], check=True)
+    subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True, capture_output=True)
+    assert host_mod.shared_host_dir(clone) == tmp_path / "work" / "shared" / "host"
+    assert host_mod.shared_host_dir(origin) == tmp_path / "work" / "shared" / "host"
+    subprocess.run(["git", "-C", str(clone), "remote", "remove", "origin"], check=True)
+    assert host_mod.shared_host_dir(clone) == tmp_path / "elsewhere" / "shared" / "host"  # none: the usual place
