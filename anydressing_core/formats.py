@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .layers import LayerKey
-from .native_format import FormatError, NativeContents, is_native, parse_native
+from .native_format import DRESSING_KEY, FormatError, NativeContents, is_native, parse_native
 
 PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
 _DIFFUSERS = re.compile(r"^(down_blocks|mid_block|up_blocks|conv_in|conv_out|conv_norm_out|time_embedding)\.")
@@ -263,11 +263,9 @@ def holds_only_dressing_weights(keys: list[str], metadata: Optional[dict]) -> bo
     if not keys:
         return False
     if is_native(metadata, keys):
-        return all(_NATIVE_DRESSING.match(k) for k in keys)
+        return all(DRESSING_KEY.match(k) for k in keys)
     return all(_IP_LAYER.match(k) for k in keys)
 
-
-_NATIVE_DRESSING = re.compile(r"^dressing\.(.+)\.attn1\.to_[kv]\.weight$")
 
 
 TRAINING_FREE_STRENGTH = 0.7  # the paper's inference lambda (section 5.1)

@@ -54,7 +54,7 @@ IMAGE_PROJ_PREFIX = "image_proj."
 _LDM_UNET = re.compile(r"^(input_blocks|middle_block|output_blocks|time_embed|out|label_emb)\.")
 _DIFFUSERS_UNET = re.compile(r"^(down_blocks|mid_block|up_blocks|conv_in|conv_out|conv_norm_out|time_embedding)\.")
 _GFE = re.compile(r"^gfe\.([A-Za-z0-9_]+)\.(.+)\.attn1\.to_([qkv])\.(lora_down\.weight|lora_up\.weight|alpha)$")
-_DRESSING = re.compile(r"^dressing\.(.+)\.attn1\.to_([kv])\.weight$")
+DRESSING_KEY = re.compile(r"^dressing\.(.+)\.attn1\.to_([kv])\.weight$")
 
 KNOWN_LAYOUTS = (
     "garments_net.<ldm or diffusers UNet key>",
@@ -147,7 +147,7 @@ def parse_native(tensors: dict[str, torch.Tensor], metadata: Optional[dict], nam
                                   f"does not declare")
             raw_lora.setdefault((slot, key_from_path(path), proj), {})[part] = t
             continue
-        m = _DRESSING.match(key)
+        m = DRESSING_KEY.match(key)
         if m:
             path, proj = m.groups()
             if not is_layer_path(path):

@@ -61,16 +61,15 @@ def attention_maps(model: Any, positive: Any, latent: dict, at_percent: float, s
         raise glue.NodeError(NODE, "the MODEL has no Dressing-Attention: connect the MODEL output of Apply "
                                    "Dressing-Attention")
     to = model.model_options.get("transformer_options", {})
-    modes = {b.mode for r in to.get("patches_replace", {}).get("attn1", {}).values()
-             if isinstance(r, DressingAttentionReplace) for b in r.branches}
+    replaces = [r for r in to.get("patches_replace", {}).get("attn1", {}).values()
+                if isinstance(r, DressingAttentionReplace)]
+    modes = {b.mode for r in replaces for b in r.branches}
     if modes == {"concat"}:
         raise glue.NodeError(NODE, "maps need garment attention of its own (Dressing-Attention); MagicClothing's "
                                    "concat files mix garment tokens into self-attention, which this node does not "
                                    "map")
     samples = latent["samples"]
     m = model.clone()
-    replaces = [r for r in to.get("patches_replace", {}).get("attn1", {}).values()
-                if isinstance(r, DressingAttentionReplace)]
     probe = AttentionProbe(on_record=glue.progress_bar(sum(len(r.branches) for r in replaces)))
     m.model_options.setdefault("transformer_options", {})[PROBE_KEY] = probe
     model_sampling = m.get_model_object("model_sampling")

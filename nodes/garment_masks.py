@@ -32,9 +32,9 @@ def same_aspect(w1: int, h1: int, w2: int, h2: int) -> bool:
     """Equal aspect ratios up to one pixel of rounding on the smaller image (so 1000x1333 matches 576x768)."""
     if min(w1, h1, w2, h2) <= 0:
         return False
-    small_w, small_h = (w1, h1) if w1 * h1 <= w2 * h2 else (w2, h2)
-    big_w, big_h = (w2, h2) if (small_w, small_h) == (w1, h1) else (w1, h1)
-    return abs(big_w * small_h / big_h - small_w) <= 1.0 or abs(big_h * small_w / big_w - small_h) <= 1.0
+    big_w, big_h = max((w1, h1), (w2, h2), key=lambda size: size[0] * size[1])
+    # |w_small - w_big * h_small / h_big| <= 1, or the same for the heights, without the divisions
+    return abs(w1 * h2 - w2 * h1) <= max(big_w, big_h)
 
 
 def _user_mask(mask: torch.Tensor, index: int, width: int, height: int) -> torch.Tensor:

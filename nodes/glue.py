@@ -179,11 +179,9 @@ def info(msg: str) -> None:
 def progress_bar(total: int):
     """A tick function on ComfyUI's progress bar (the node's bar in the editor, like KSampler's steps)."""
     bar = comfy.utils.ProgressBar(max(1, int(total)))
-    done = {"n": 0}
 
     def tick() -> None:
-        if done["n"] < bar.total:  # never past 100%, even if a model evaluates a layer twice
-            done["n"] += 1
+        if bar.current < bar.total:  # never past 100%, even if a model evaluates a layer twice
             bar.update(1)
 
     return tick

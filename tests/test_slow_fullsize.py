@@ -53,21 +53,30 @@ def write_random_sd15_checkpoint(path: Path, **unet_changes) -> None:
     save_file(sd, str(path))
 
 
-def test_shipped_workflow_on_a_full_size_random_sd15(host, store):
+def stage_workflow(host, workflow: Path, write_checkpoint) -> tuple[dict, Path]:
+    """A shipped workflow as an API prompt, its checkpoint written by `write_checkpoint(path)` under the workflow's
+    name and a random 64x96 garment photo in input/ for each Load Image. Returns (API prompt, checkpoint path)."""
     from PIL import Image
 
     ckpt_dir = host.models_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    wf = json.loads(WORKFLOW.read_text())
-    api = to_api(wf, host.nodes.NODE_CLASS_MAPPINGS)
+    api = to_api(json.loads(workflow.read_text()), host.nodes.NODE_CLASS_MAPPINGS)
     name = next(n["inputs"]["ckpt_name"] for n in api.values() if n["class_type"] == "CheckpointLoaderSimple")
-    if not (ckpt_dir / name).is_file() or (ckpt_dir / name).stat().st_size < 10**9:
-        write_random_sd15_checkpoint(ckpt_dir / name)
+    write_checkpoint(ckpt_dir / name)
     inputs = host.base / "input"
     inputs.mkdir(parents=True, exist_ok=True)
     for i, node in enumerate(n for n in api.values() if n["class_type"] == "LoadImage"):
         pixels = (torch.rand(96, 64, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()
         Image.fromarray(pixels).save(inputs / node["inputs"]["image"])
+    return api, ckpt_dir / name
+
+
+def test_shipped_workflow_on_a_full_size_random_sd15(host, store):
+    def write_once(path: Path) -> None:
+        if not path.is_file() or path.stat().st_size < 10**9:
+            write_random_sd15_checkpoint(path)
+
+    api, _ = stage_workflow(host, WORKFLOW, write_once)
 
     def prepared(strength: float, key: str) -> dict:
         p = json.loads(json.dumps(api))
@@ -329,18 +338,7 @@ def write_random_sdxl_checkpoint(path: Path) -> None:
 
 def test_sdxl_training_free_workflow_on_a_full_size_random_sdxl(host, store):
     """The shipped SDXL workflow on a full-size random SDXL: 70 self-attention layers dressed, garments act."""
-    from PIL import Image
-
-    ckpt_dir = host.models_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    api = to_api(json.loads(SDXL_WORKFLOW.read_text()), host.nodes.NODE_CLASS_MAPPINGS)
-    name = next(n["inputs"]["ckpt_name"] for n in api.values() if n["class_type"] == "CheckpointLoaderSimple")
-    write_random_sdxl_checkpoint(ckpt_dir / name)
-    inputs = host.base / "input"
-    inputs.mkdir(parents=True, exist_ok=True)
-    for i, node in enumerate(n for n in api.values() if n["class_type"] == "LoadImage"):
-        pixels = (torch.rand(96, 64, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()
-        Image.fromarray(pixels).save(inputs / node["inputs"]["image"])
+    api, checkpoint = stage_workflow(host, SDXL_WORKFLOW, write_random_sdxl_checkpoint)
     apply_id = next(n for n, v in api.items() if v["class_type"] == "AnyDressingApplyDressingAttention")
     sampler_id = next(n for n, v in api.items() if v["class_type"] == "KSampler")
     encode_id = next(n for n, v in api.items() if v["class_type"] == "AnyDressingEncodeGarments")
@@ -364,7 +362,7 @@ def test_sdxl_training_free_workflow_on_a_full_size_random_sdxl(host, store):
         assert r["success"], r["errors"]
         r_plain = host.run(prepared("plain", False))
     finally:
-        (ckpt_dir / name).unlink()  # 7 GB: not left in the temporary ComfyUI base folder
+        checkpoint.unlink()  # 7 GB: not left in the temporary ComfyUI base folder
     replaces = store["dressed_model"].model_options["transformer_options"]["patches_replace"]["attn1"]
     assert len(replaces) == 70
     branch = next(iter(replaces.values())).branches[0]
