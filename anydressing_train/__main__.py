@@ -60,10 +60,11 @@ def main(argv=None) -> int:
     ap.add_argument("--loc-reduction", choices=("sum", "paper_scale", "mean"), default="sum",
                     help="L_loc per layer: sum (eq. 9, squared norm over the layer's pixels), paper_scale (that sum as at "
                          "768x576, so lambda-loc 0.01 keeps the paper's balance at any size) or mean (per pixel)")
-    ap.add_argument("--feature-tap", choices=("attn1_input", "gfe_output"), default="attn1_input",
-                    help="GarmentsNet features: attn1_input (the self-attention input after norm1; starts exactly at "
-                         "training-free mode; no LoRA for the last layer, which could not train) or gfe_output "
-                         "(F^new, the GFE self-attention output, eq. 4-5; every layer's LoRA trains)")
+    ap.add_argument("--feature-tap", choices=("gfe_output", "attn1_input"), default="gfe_output",
+                    help="GarmentsNet features: gfe_output (F^new, the GFE self-attention output, eq. 4-5; every "
+                         "layer's LoRA trains; localizes faster on the synthetic bench) or attn1_input (the "
+                         "self-attention input after norm1, as MagicClothing/IMAGDressing; starts exactly at "
+                         "training-free mode; no LoRA for the last layer, which could not train)")
     ap.add_argument("--strength", type=float, default=1.0,
                     help="Dressing-Attention lambda during training; recorded in the file for Apply's auto strength")
     ap.add_argument("--val-data", help="a held-out data folder, evaluated every --eval-every steps")
@@ -129,6 +130,12 @@ def main(argv=None) -> int:
         val = FolderDataset(args.val_data)
     elif args.val_fraction > 0:
         dataset, val = dataset.split(args.val_fraction, seed=args.seed)
+    if engine.is_main_process:
+        from anydressing_train.loop import latent_std, latent_std_warning
+
+        warning = latent_std_warning(latent_std(models.encode_image, dataset))
+        if warning:
+            print(warning, flush=True)
     if val is not None and engine.is_main_process:
         print(f"held-out evaluation: {len(val)} samples ({args.val_data or f'{args.val_fraction:g} of {args.data}'})"
               f", every {args.eval_every} steps; training on {len(dataset)}", flush=True)

@@ -33,6 +33,30 @@ def batch_for(sample, slots: list[str], encode_image: EncodeImage, encode_text: 
     return x0, garments, masks, encode_text(sample.caption)
 
 
+# SD1.5's VAE with its 0.18215 factor gives latents of about unit std; far outside this range, the noise of a timestep
+# hides much more (or less) of the image than the UNet learned to undo, and a garment's place stays unseen
+LATENT_STD_RANGE = (0.35, 3.0)
+
+
+def latent_std(encode_image: EncodeImage, dataset, count: int = 8) -> float:
+    """The std of the first `count` samples' person latents, as encode_image gives them to the UNet."""
+    with torch.no_grad():
+        z = torch.cat([encode_image(dataset[i].person.unsqueeze(0)).float() for i in range(min(count, len(dataset)))])
+    return float(z.std())
+
+
+def latent_std_warning(std: float) -> Optional[str]:
+    """A warning when the training latents' scale is far from SD1.5's (None when it is in LATENT_STD_RANGE)."""
+    low, high = LATENT_STD_RANGE
+    if low <= std <= high:
+        return None
+    return (f"[AnyDressing] training: the training images' latents have std {std:.3g}, where SD1.5's VAE with its "
+            f"0.18215 scale gives about 1 (expected {low}-{high}): this checkpoint's VAE does not match its UNet's "
+            f"latent scale, so the noise of each timestep hides {'more' if std < low else 'less'} of the image than "
+            f"the UNet learned to undo and the garments' places are hard to learn; use a checkpoint with the SD1.5 "
+            f"VAE baked in")
+
+
 def train(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_text: EncodeText, steps: int,
           lr: float = 5e-5, lambda_loc: float = 0.01, dropout: float = 0.1, seed: int = 0,
           checkpoint: Optional[str] = None, log: Optional[str] = None, progress: bool = False,

@@ -91,7 +91,7 @@ class DressingTrainer(nn.Module):
     def __init__(self, unet: nn.Module, slots: list[str], rank: int = 8, alpha: float = 8.0,
                  self_attention: Optional[SelfAttention] = None, strength: float = 1.0,
                  finetune_garments_net: bool = False, gradient_checkpointing: bool = False,
-                 feature_tap: str = TAP_INPUT, loc_reduction: str = "sum", copy_unet: bool = True):
+                 feature_tap: str = TAP_OUTPUT, loc_reduction: str = "sum", copy_unet: bool = True):
         super().__init__()
         if loc_reduction not in LOC_REDUCTIONS:
             raise ValueError(f"loc_reduction must be one of {', '.join(LOC_REDUCTIONS)}, not {loc_reduction!r}")

@@ -35,17 +35,23 @@ def test_a_short_run_localizes_held_out_garments_at_the_papers_lambda(setup, tmp
     lambda1 = 0.01 (L_loc at the paper's 768 x 576 scale), the held-out inside-mask attention share rises over the
     pack's training-free mode and the held-out diffusion loss does not rise."""
     from anydressing_train.data import FolderDataset, make_synthetic
-    from anydressing_train.loop import evaluate, train
+    from anydressing_train.loop import evaluate, latent_std, latent_std_warning, train
 
-    _, base, enc_img, enc_txt = setup
+    _, base, sd_scaled, enc_txt = setup
     make_synthetic(str(tmp_path / "train"), count=8, size=64, seed=0, layout="random")
     make_synthetic(str(tmp_path / "val"), count=4, size=64, seed=1, layout="random")
     ds, val = FolderDataset(str(tmp_path / "train")), FolderDataset(str(tmp_path / "val"))
+    # the toy's random VAE at SD's 0.18215 gives latents of std ~0.09, which noise drowns at every t: the training
+    # command warns of that; here the latents get unit std on the training samples, as 0.18215 does for SD's VAE
+    std = latent_std(sd_scaled, ds)
+    assert latent_std_warning(std) is not None and std < 0.2
+    enc_img = lambda x: sd_scaled(x) / std  # noqa: E731
+    assert latent_std_warning(latent_std(enc_img, ds)) is None and abs(latent_std(enc_img, ds) - 1) < 1e-4
     free = evaluate(trainer_for(base, feature_tap="attn1_input", strength=0.7, loc_reduction="paper_scale"), val,
                     enc_img, enc_txt, timesteps=(200, 500, 800))
-    # F^new: in 40 steps at 1e-2 it localizes faster than the default attn1_input tap (measured there: inside 0.508,
-    # outside 0.494, diffusion 1.017), which the bench's longer runs at 3e-3 show level with it (README)
-    tr = trainer_for(base, loc_reduction="paper_scale", feature_tap="gfe_output")
+    # F^new, the default tap, which the bench's runs show localizing faster than attn1_input (README)
+    tr = trainer_for(base, loc_reduction="paper_scale")
+    assert tr.feature_tap == "gfe_output"
     history = train(tr, ds, enc_img, enc_txt, steps=LEARN_STEPS, lr=LEARN_LR, lambda_loc=0.01, dropout=0.0,
                     val_dataset=val, eval_every=LEARN_STEPS, eval_timesteps=(200, 500, 800),
                     log=str(tmp_path / "log.csv"))
@@ -53,10 +59,10 @@ def test_a_short_run_localizes_held_out_garments_at_the_papers_lambda(setup, tmp
     print("training-free", free, "trained", after)
     assert len(history) == LEARN_STEPS and (tmp_path / "log.csv").read_text().count("\n") == LEARN_STEPS + 2
     assert abs(free["mass_inside"] - 0.5) < 0.02 and abs(free["mass_outside"] - 0.5) < 0.02
-    # each garment's attention moved into its mask (measured: inside 0.499 -> 0.529, outside 0.500 -> 0.478)
+    # each garment's attention moved into its mask (measured: inside 0.499 -> 0.535, outside 0.499 -> 0.483)
     assert after["mass_inside"] > free["mass_inside"] + 0.015
     assert after["mass_inside"] - after["mass_outside"] > free["mass_inside"] - free["mass_outside"] + 0.03
-    assert after["diffusion"] <= free["diffusion"]  # measured: 1.388 -> 1.125
+    assert after["diffusion"] <= free["diffusion"]  # measured: 1.379 -> 1.190
 
 
 LEARN_STEPS, LEARN_LR = 40, 1e-2
@@ -280,7 +286,7 @@ def test_finetuned_garments_net_is_saved_and_gives_the_pack_the_training_time_fe
     ds, base, enc_img, enc_txt = setup
     unet = base.model.diffusion_model
     frozen = {k: v.clone() for k, v in unet.state_dict().items()}
-    tr = DressingTrainer(unet, ["upper"], rank=4, alpha=4.0, finetune_garments_net=True)
+    tr = DressingTrainer(unet, ["upper"], rank=4, alpha=4.0, finetune_garments_net=True, feature_tap="attn1_input")
     trainable = {n for n, p in tr.named_parameters() if p.requires_grad}
     assert any(n.startswith("garments_net.input_blocks.") for n in trainable)
     assert not any(n.startswith("unet.") for n in trainable)
@@ -302,7 +308,7 @@ def test_finetuned_garments_net_is_saved_and_gives_the_pack_the_training_time_fe
     pack = host.pack_module("nodes.encode").encode(gnet, latents / 0.18215, ["upper"])
     with torch.no_grad():
         ours = tr.encode(latents, ["upper"])
-        base_feats = trainer_for(base).encode(latents, ["upper"])
+        base_feats = trainer_for(base, feature_tap="attn1_input").encode(latents, ["upper"])
     for key, t in ours.items():
         ref = t.reshape(1, -1, t.shape[-1])
         assert float((pack.layers[key] - ref).abs().max() / ref.abs().max()) < 1e-5, key
@@ -464,7 +470,7 @@ def test_random_synthetic_layout_does_not_tie_a_garments_place_to_its_slot(tmp_p
             ys, xs = np.nonzero(m.numpy() > 0.5)
             halves[slot].add(("top" if ys.mean() < 16 else "bottom", "left" if xs.mean() < 16 else "right"))
     assert len(halves["upper"]) >= 3 and len(halves["lower"]) >= 3 and halves["upper"] & halves["lower"]
-    with pytest.raises(ValueError, match="layout must be one of fixed, random, not 'grid'"):
+    with pytest.raises(ValueError, match="layout must be one of fixed, random, halves, not 'grid'"):
         make_synthetic(str(tmp_path), layout="grid")
 
 

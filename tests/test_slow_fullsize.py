@@ -264,8 +264,8 @@ def test_training_command_on_a_full_size_checkpoint(host, tmp_path):
     assert c.metadata["base_model"] == "train_base.safetensors" and len(c.metadata["base_model_sha256_64mib"]) == 64
     assert c.metadata["mixed_precision"] == "bf16" and c.metadata["processes"] == "1"
     assert all(w.dtype == torch.float32 for d in c.dressing.values() for w in d.values())  # trained weights: fp32
-    assert c.metadata["feature_tap"] == "attn1_input" and float(c.metadata["strength"]) == 1.0
-    assert c.metadata["loc_reduction"] == "sum" and len(c.loras["upper"]) == 15  # no untrainable last-layer LoRA
+    assert c.metadata["feature_tap"] == "gfe_output" and float(c.metadata["strength"]) == 1.0
+    assert c.metadata["loc_reduction"] == "sum" and len(c.loras["upper"]) == 16  # F^new: every layer's LoRA trains
     import csv
 
     rows = list(csv.DictReader((tmp_path / "trained.safetensors.losses.csv").open()))
