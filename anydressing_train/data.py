@@ -77,10 +77,11 @@ def augment(sample: Sample, rng: random.Random, dropout: float) -> list[str]:
     return kept
 
 
-SYNTHETIC_LAYOUTS = ("fixed", "random")
+SYNTHETIC_LAYOUTS = ("fixed", "random", "halves")
 
 
-def _random_regions(rng: np.random.Generator, h: int, w: int) -> dict[str, tuple[slice, slice]]:
+def _random_regions(rng: np.random.Generator, h: int, w: int, fill: bool = False
+                    ) -> dict[str, tuple[slice, slice]]:
     """Two boxes of random size and place in the two halves of the image (split top/bottom or left/right at random),
     each slot in either half with equal odds: a garment's place says nothing about its slot."""
     vertical = bool(rng.integers(2))
@@ -89,6 +90,9 @@ def _random_regions(rng: np.random.Generator, h: int, w: int) -> dict[str, tuple
         halves.reverse()
     regions = {}
     for slot, (y0, y1, x0, x1) in zip(("upper", "lower"), halves):
+        if fill:  # the garment covers its whole half: no pixel outside both masks
+            regions[slot] = (slice(y0, y1), slice(x0, x1))
+            continue
         bh = int(rng.integers((y1 - y0) // 2, (y1 - y0) * 7 // 8 + 1))
         bw = int(rng.integers((x1 - x0) // 2, (x1 - x0) * 7 // 8 + 1))
         top = y0 + int(rng.integers(0, y1 - y0 - bh + 1))
@@ -102,7 +106,9 @@ def make_synthetic(root: str, count: int = 8, size: int = 64, seed: int = 0, lay
     """Flat striped garments composited into known regions of a simple figure.
 
     layout "fixed": upper on the torso, lower on the legs (slot -> place is a shortcut); "random": each garment in a
-    random box, the slot giving no hint of where (only its colour and stripes do). Samples are named from `first`,
+    random box, the slot giving no hint of where (only its colour and stripes do); "halves": as random, but each
+    garment fills its whole half, so every pixel is in exactly one mask (no background, where eq. 9's best A_k is
+    an even split the attention can only reach by telling background from garment). Samples are named from `first`,
     so a held-out set can share a folder name scheme without clashing."""
     if layout not in SYNTHETIC_LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(SYNTHETIC_LAYOUTS)}, not {layout!r}")
@@ -117,8 +123,8 @@ def make_synthetic(root: str, count: int = 8, size: int = 64, seed: int = 0, lay
         person[body] = (0.85, 0.7, 0.6)
         regions = {"upper": (slice(h // 8 + h // 16, h // 2), slice(w // 4, w - w // 4)),
                    "lower": (slice(h // 2, h - h // 8), slice(w // 3, w - w // 3))}
-        if layout == "random":
-            regions = _random_regions(rng, h, w)
+        if layout in ("random", "halves"):
+            regions = _random_regions(rng, h, w, fill=layout == "halves")
         for slot, region in regions.items():
             color = rng.random(3).astype(np.float32)
             period = int(rng.integers(3, 7))

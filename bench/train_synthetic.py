@@ -4,7 +4,7 @@ slot), an SD1.5-architecture UNet with random weights, and held-out figures (sam
 never trained on): the diffusion loss and each garment's attention mass inside and outside its mask, for the
 pack's training-free mode and then every --eval-every steps of training; plus seconds per step and peak memory.
 
-CPU (the README's table; add --mixed-precision bf16 for its bf16 rows, --feature-tap gfe_output for the other tap):
+CPU (the README's table; add --mixed-precision bf16 for its bf16 rows, --feature-tap attn1_input for the other tap):
     python bench/train_synthetic.py --cpu --steps 300 --eval-every 50 --lr 3e-3
 GPU (full SD1.5 width, bf16, checkpointing; the pinned ComfyUI in the git-ignored .comfyui/, carried):
     python bench/train_synthetic.py --channels 320 --size 256 --steps 2000 --mixed-precision bf16 \\
@@ -63,18 +63,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH, else the tests' pinned host)")
     ap.add_argument("--channels", type=int, default=32, help="UNet width (320 = SD1.5)")
+    ap.add_argument("--heads", type=int, default=8,
+                    help="attention heads (SD1.5: 8, i.e. 40 channels per head at its width; at --channels 32, "
+                         "2 heads give 16 per head)")
     ap.add_argument("--size", type=int, default=64, help="image side of the synthetic samples")
     ap.add_argument("--samples", type=int, default=32, help="training samples")
     ap.add_argument("--val-samples", type=int, default=8, help="held-out samples (another seed)")
-    ap.add_argument("--layout", default="random", choices=("random", "fixed"))
+    ap.add_argument("--layout", default="random", choices=("random", "halves", "fixed"))
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--lambda-loc", type=float, default=0.01)
     ap.add_argument("--lambda-tex", type=float, default=0.001, help="texture loss weight (edge term; 0: off)")
     # paper_scale: these 64 x 64 samples stand in for the paper's 768 x 576, where eq. 9's sum is 108 times larger
     ap.add_argument("--loc-reduction", default="paper_scale", choices=("sum", "paper_scale", "mean"))
-    ap.add_argument("--feature-tap", default="attn1_input", choices=("attn1_input", "gfe_output"))
+    ap.add_argument("--feature-tap", default="gfe_output", choices=("gfe_output", "attn1_input"))
+    ap.add_argument("--accumulation", type=int, default=1,
+                    help="samples per optimizer step (gradient accumulation; the paper's batch is 4 per GPU on 8)")
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--mixed-precision", default="no")
     ap.add_argument("--gradient-checkpointing", action="store_true")
@@ -85,6 +90,11 @@ def main() -> int:
                     help="first train the random UNet as a plain diffusion model on other synthetic images (batch 4, "
                          "its own seed), so DressingNet's queries carry what an SD1.5 UNet's do about a pixel; 0: off")
     ap.add_argument("--pretrain-lr", type=float, default=1e-3)
+    ap.add_argument("--latent-scale", default="auto",
+                    help="factor on the toy VAE's latents: auto = 1 / their std on the training samples (how SD's "
+                         "0.18215 was chosen for its VAE: unit-variance latents, so noise at t hides as much as it "
+                         "does in SD1.5); or a number (0.18215: SD's factor, which on this random VAE leaves latents "
+                         "of std 0.02 that noise drowns at every t)")
     args = ap.parse_args()
 
     from anydressing_train.__main__ import boot
@@ -102,18 +112,24 @@ def main() -> int:
 
     torch.manual_seed(args.seed)
     device = mm.get_torch_device()
-    engine = make_engine(args.mixed_precision, device=device, cpu=device.type == "cpu", use_accelerate=False)
+    engine = make_engine(args.mixed_precision, device=device, cpu=device.type == "cpu", use_accelerate=False,
+                         gradient_accumulation_steps=args.accumulation)
     root = Path(tempfile.mkdtemp(prefix="anydressing-synthetic-"))
     make_synthetic(str(root / "train"), count=args.samples, size=args.size, seed=0, layout=args.layout)
     make_synthetic(str(root / "val"), count=args.val_samples, size=args.size, seed=1, layout=args.layout)
     ds, val = FolderDataset(str(root / "train")), FolderDataset(str(root / "val"))
-    unet = adtest_tiny.tiny_model_patcher(0, model_channels=args.channels).model.diffusion_model.to(device)
+    unet = adtest_tiny.tiny_model_patcher(0, model_channels=args.channels, num_heads=args.heads).model.diffusion_model.to(device)
     vae = adtest_tiny.tiny_vae(0)
     context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(5)).to(device)
 
+    with torch.no_grad():
+        raw = torch.cat([vae.encode(ds[i].person.unsqueeze(0)) for i in range(len(ds))])
+    scale = 1.0 / float(raw.float().std()) if args.latent_scale == "auto" else float(args.latent_scale)
+    print(f"latent scale {scale:.4f} (training latents' std {float(raw.float().std()) * scale:.3f} after scaling)")
+
     def encode_image(x):
         with torch.no_grad():
-            return (vae.encode(x) * 0.18215).to(device)
+            return (vae.encode(x) * scale).to(device)
 
     if args.pretrain_steps:
         pre_root = root / "pretrain"
@@ -128,7 +144,7 @@ def main() -> int:
         decoder = vae.first_stage_model.to(device).float().requires_grad_(False)
 
         def decode(z):  # differentiable, to [0, 1]
-            return ((decoder.decode(z.float() / 0.18215) + 1) / 2).clamp(0, 1)
+            return ((decoder.decode(z.float() / scale) + 1) / 2).clamp(0, 1)
 
     slots = ["upper", "lower"]
     # the pack's training-free mode: zero LoRA, W' = W, the attn1-input tap, strength 0.7
@@ -150,7 +166,7 @@ def main() -> int:
     seconds = (time.perf_counter() - start) / max(1, args.steps)
     peak = peak_memory.peak_mib(device)
     print(f"device {device} channels {args.channels} size {args.size} layout {args.layout} train {args.samples} "
-          f"held-out {args.val_samples} steps {args.steps} lr {args.lr} lambda_loc {args.lambda_loc} "
+          f"held-out {args.val_samples} steps {args.steps} x {args.accumulation} samples lr {args.lr} lambda_loc {args.lambda_loc} "
           f"lambda_tex {args.lambda_tex} reduction {args.loc_reduction} tap {args.feature_tap} "
           f"precision {args.mixed_precision} checkpointing {args.gradient_checkpointing}")
     print("held-out figures (samples never trained on):")

@@ -34,33 +34,38 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def tiny_unet_config(model_channels: int = 32) -> dict:
+def tiny_unet_config(model_channels: int = 32, num_heads: int = 8) -> dict:
+    """SD1.5's topology at another width (and, for the training bench, another head count: SD1.5's 8 heads leave a
+    32-channel toy 4 channels per head, where SD1.5 has 40)."""
     cfg = dict(SD15_TOPOLOGY)
     cfg["model_channels"] = model_channels
+    cfg["num_heads"] = num_heads
     return cfg
 
 
-def tiny_unet_state_dict(seed: int = 0, model_channels: int = 32) -> dict[str, torch.Tensor]:
+def tiny_unet_state_dict(seed: int = 0, model_channels: int = 32, num_heads: int = 8) -> dict[str, torch.Tensor]:
     """ldm-named UNet weights (the keys a ComfyUI checkpoint has under model.diffusion_model.)."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     import comfy.ops
 
-    cfg = {k: v for k, v in tiny_unet_config(model_channels).items()}
+    cfg = {k: v for k, v in tiny_unet_config(model_channels, num_heads).items()}
     unet = UNetModel(**cfg, operations=comfy.ops.disable_weight_init)
     randomize(unet, seed)
     return {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
 
-def tiny_model_patcher(seed: int = 0, model_channels: int = 32, weight_dtype: torch.dtype = torch.float32):
+def tiny_model_patcher(seed: int = 0, model_channels: int = 32, weight_dtype: torch.dtype = torch.float32,
+                       num_heads: int = 8):
     """A MODEL like ComfyUI's loaders return; weights stored in weight_dtype, computed in fp32 (manual cast) on CPU."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    cfg = comfy.supported_models.SD15(tiny_unet_config(model_channels))
+    cfg = comfy.supported_models.SD15(tiny_unet_config(model_channels, num_heads))
+    cfg.unet_config["num_heads"] = num_heads  # SD15's own config would set 8 again
     cfg.set_inference_dtype(weight_dtype, None if weight_dtype == torch.float32 else torch.float32)
     model = cfg.get_model({}, "")
-    sd = tiny_unet_state_dict(seed, model_channels)
+    sd = tiny_unet_state_dict(seed, model_channels, num_heads)
     model.diffusion_model.load_state_dict({k: v.to(weight_dtype) for k, v in sd.items()})
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
