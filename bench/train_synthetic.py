@@ -5,7 +5,7 @@ never trained on): the diffusion loss and each garment's attention mass inside a
 pack's training-free mode and then every --eval-every steps of training; plus seconds per step and peak memory.
 
 CPU (the README's table; add --mixed-precision bf16 for its bf16 rows, --feature-tap attn1_input for the other tap):
-    python bench/train_synthetic.py --cpu --steps 300 --eval-every 50 --lr 3e-3
+    python bench/train_synthetic.py --cpu
 GPU (full SD1.5 width, bf16, checkpointing; the pinned ComfyUI in the git-ignored .comfyui/, carried):
     python bench/train_synthetic.py --channels 320 --size 256 --steps 2000 --mixed-precision bf16 \\
         --gradient-checkpointing
@@ -94,7 +94,7 @@ def main() -> int:
                     help="factor on the toy VAE's latents: auto = 1 / their std on the training samples (how SD's "
                          "0.18215 was chosen for its VAE: unit-variance latents, so noise at t hides as much as it "
                          "does in SD1.5); or a number (0.18215: SD's factor, which on this random VAE leaves latents "
-                         "of std 0.02 that noise drowns at every t)")
+                         "of std 0.09 that noise drowns at every t)")
     args = ap.parse_args()
 
     from anydressing_train.__main__ import boot
@@ -118,7 +118,8 @@ def main() -> int:
     make_synthetic(str(root / "train"), count=args.samples, size=args.size, seed=0, layout=args.layout)
     make_synthetic(str(root / "val"), count=args.val_samples, size=args.size, seed=1, layout=args.layout)
     ds, val = FolderDataset(str(root / "train")), FolderDataset(str(root / "val"))
-    unet = adtest_tiny.tiny_model_patcher(0, model_channels=args.channels, num_heads=args.heads).model.diffusion_model.to(device)
+    patcher = adtest_tiny.tiny_model_patcher(0, model_channels=args.channels, num_heads=args.heads)
+    unet = patcher.model.diffusion_model.to(device)
     vae = adtest_tiny.tiny_vae(0)
     context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(5)).to(device)
 
@@ -166,8 +167,9 @@ def main() -> int:
     seconds = (time.perf_counter() - start) / max(1, args.steps)
     peak = peak_memory.peak_mib(device)
     print(f"device {device} channels {args.channels} size {args.size} layout {args.layout} train {args.samples} "
-          f"held-out {args.val_samples} steps {args.steps} x {args.accumulation} samples lr {args.lr} lambda_loc {args.lambda_loc} "
-          f"lambda_tex {args.lambda_tex} reduction {args.loc_reduction} tap {args.feature_tap} "
+          f"held-out {args.val_samples} steps {args.steps} x {args.accumulation} samples lr {args.lr} "
+          f"heads {args.heads} lambda_loc {args.lambda_loc} lambda_tex {args.lambda_tex} "
+          f"reduction {args.loc_reduction} tap {args.feature_tap} "
           f"precision {args.mixed_precision} checkpointing {args.gradient_checkpointing}")
     print("held-out figures (samples never trained on):")
     print(f"{'':16}{'diffusion':>11}{'localization':>14}{'mass inside':>13}{'mass outside':>14}"
