@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from .formats import TRAINING_FREE_STRENGTH
 from .layers import LayerKey, sort_keys
 
 
@@ -29,7 +30,7 @@ class GarmentFeatures:
     injection: str = "dressing"  # "dressing" (eq. 6), "concat" (MagicClothing), "separate" (DreamFit)
     uncond_default: bool = False  # whether the model's authors let the unconditional rows see the garments
     weighted_layers_only: bool = False  # garments enter only the layers with their own W_k'/W_v'
-    strength: float = 0.7  # the lambda the GarmentsNet file is meant to run at: Apply Dressing-Attention's auto
+    strength: float = TRAINING_FREE_STRENGTH  # the lambda the GarmentsNet file is meant for: Apply's auto strength
 
     @property
     def count(self) -> int:

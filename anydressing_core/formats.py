@@ -267,7 +267,6 @@ def holds_only_dressing_weights(keys: list[str], metadata: Optional[dict]) -> bo
     return all(_IP_LAYER.match(k) for k in keys)
 
 
-
 TRAINING_FREE_STRENGTH = 0.7  # the paper's inference lambda (section 5.1)
 # peer models whose attention processors add the garment branch unscaled (MagicClothing's concat and ip layers,
 # IMAGDressing at its authors' scale 1.0, DreamFit's ref_scale 1.0): at any other lambda the result departs from theirs

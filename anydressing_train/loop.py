@@ -13,11 +13,9 @@ from typing import Callable, Optional
 
 import torch
 
-from anydressing_core.masks import resize_to_grid
-
 from .data import augment
 from .engine import LocalEngine
-from .trainer import DressingTrainer, layer_loc_term
+from .trainer import DressingTrainer, localization_loss, probed_layers
 
 EncodeImage = Callable[[torch.Tensor], torch.Tensor]  # [B, H, W, 3] in [0, 1] -> scaled latents [B, 4, h, w]
 EncodeText = Callable[[str], torch.Tensor]  # caption -> [1, 77, 768]
@@ -209,21 +207,16 @@ def evaluate(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encod
             probe = AttentionProbe()
             eps = trainer.denoise(trainer.add_noise(x0, noise, t), t.float(), context, features, probe=probe)
             diff.append(float(((eps - noise) ** 2).mean()))
-            terms = []
-            for branch in probe.order:
-                for mass, (h, w) in probe.maps[branch].values():
-                    target = resize_to_grid(masks, h, w).to(mass.device)
-                    sq = (mass[:, 0].float() - target) ** 2
-                    terms.append(float(layer_loc_term(sq, (h, w), tuple(x0.shape[-2:]), reduction).mean()))
-                    binary = target > 0.5
-                    for k, slot in enumerate(sample_slots):
-                        if binary[k].any() and (~binary[k]).any():
-                            a_in, a_out = float(mass[k, 0][binary[k]].mean()), float(mass[k, 0][~binary[k]].mean())
-                            inside.append(a_in)
-                            outside.append(a_out)
-                            per_slot.setdefault(f"mass_inside_{slot}", []).append(a_in)
-                            per_slot.setdefault(f"mass_outside_{slot}", []).append(a_out)
-            loc.append(sum(terms) / len(terms))
+            loc.append(float(localization_loss(probe, masks, tuple(x0.shape[-2:]), reduction)))
+            for mass, target, _ in probed_layers(probe, masks):
+                binary = target > 0.5
+                for k, slot in enumerate(sample_slots):
+                    if binary[k].any() and (~binary[k]).any():
+                        a_in, a_out = float(mass[k, 0][binary[k]].mean()), float(mass[k, 0][~binary[k]].mean())
+                        inside.append(a_in)
+                        outside.append(a_out)
+                        per_slot.setdefault(f"mass_inside_{slot}", []).append(a_in)
+                        per_slot.setdefault(f"mass_outside_{slot}", []).append(a_out)
     out = {"diffusion": sum(diff) / len(diff), "localization": sum(loc) / len(loc),
            "mass_inside": sum(inside) / len(inside), "mass_outside": sum(outside) / len(outside)}
     for slot in slots or []:

@@ -23,7 +23,7 @@ from torch import nn
 
 from anydressing_core.attention import sdpa_attention
 from anydressing_core.branch import PROBE_KEY, AttentionProbe, DressingAttentionReplace, DressingBranch, DressingLayer
-from anydressing_core.encoder import (TAP_INPUT, TAP_OUTPUT, GarmentEncodeHooks, check_tap,
+from anydressing_core.encoder import (TAP_OUTPUT, GarmentEncodeHooks, check_tap,
                                       zero_cross_attention_output, zero_cross_attention_replace)
 from anydressing_core.layers import LayerKey, is_layer_path, key_from_path, path_from_key, sort_keys
 from anydressing_core.lora import LoRA
@@ -55,6 +55,26 @@ def layer_loc_term(sq: torch.Tensor, grid: tuple[int, int], latent_hw: tuple[int
         return sq.mean(-1)
     f2 = (latent_hw[0] * latent_hw[1]) / float(grid[0] * grid[1])  # (latent downsampling)^2 of this layer
     return sq.mean(-1) * (PAPER_LATENT_PIXELS / f2)
+
+
+def probed_layers(probe: AttentionProbe, masks: torch.Tensor):
+    """(A_k [N, rows, h*w], M_k resized to that layer's grid [N, h*w], (h, w)) for every recorded branch and layer;
+    each grid's masks are resized once (several layers share a grid)."""
+    resized: dict[tuple[int, int], torch.Tensor] = {}
+    for branch in probe.order:
+        for mass, grid in probe.maps[branch].values():
+            if grid not in resized:
+                resized[grid] = resize_to_grid(masks, *grid)
+            yield mass, resized[grid].to(mass.device), grid
+
+
+def localization_loss(probe: AttentionProbe, masks: torch.Tensor, latent_hw: tuple[int, int], reduction: str
+                      ) -> Optional[torch.Tensor]:
+    """L_loc (eq. 7-9): per layer ||A_k - M_k||^2 as `reduction` says, the mean over garments (and rows), then the
+    (1/m) sum over the m Dressing-Attention layers of section 4.4. None when no layer was recorded."""
+    terms = [layer_loc_term((mass.float() - target.unsqueeze(1)) ** 2, grid, latent_hw, reduction).mean()
+             for mass, target, grid in probed_layers(probe, masks)]
+    return torch.stack(terms).mean() if terms else None
 
 
 def format_key(key: LayerKey) -> str:
@@ -222,15 +242,8 @@ class DressingTrainer(nn.Module):
         x_t = self.add_noise(x0, noise, t)
         eps = self.denoise(x_t, t.float(), context, features, probe=probe)
         out = {"diffusion": F.mse_loss(eps.float(), noise.float())}
-        terms = []
-        for branch in probe.order:
-            for mass, (h, w) in probe.maps[branch].values():  # mass: [N, rows, h*w]
-                target = resize_to_grid(person_masks, h, w).to(mass.device)
-                sq = (mass.float() - target.unsqueeze(1)) ** 2  # [N, rows, h*w]
-                # eq. 9: ||A_k - M_k||^2 over the layer's pixels, then the mean over garments (and rows)
-                terms.append(layer_loc_term(sq, (h, w), tuple(x0.shape[-2:]), self.loc_reduction).mean())
-        # the (1/m) sum over the m Dressing-Attention layers of section 4.4
-        out["localization"] = torch.stack(terms).mean() if terms else x0.new_zeros(())
+        loc = localization_loss(probe, person_masks, tuple(x0.shape[-2:]), self.loc_reduction)
+        out["localization"] = loc if loc is not None else x0.new_zeros(())
         out["texture"] = x0.new_zeros(())
         if texture is not None and int(t.max()) <= texture.get("max_t", 350):
             from .texture import texture_loss

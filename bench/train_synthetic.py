@@ -107,7 +107,7 @@ def main() -> int:
     import comfy.model_management as mm
     from anydressing_train.data import FolderDataset, make_synthetic
     from anydressing_train.engine import half_dtype, make_engine
-    from anydressing_train.loop import EVAL_TIMESTEPS, evaluate, train
+    from anydressing_train.loop import EVAL_TIMESTEPS, evaluate, latent_std, train
     from anydressing_train.trainer import DressingTrainer
 
     torch.manual_seed(args.seed)
@@ -123,10 +123,9 @@ def main() -> int:
     vae = adtest_tiny.tiny_vae(0)
     context = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(5)).to(device)
 
-    with torch.no_grad():
-        raw = torch.cat([vae.encode(ds[i].person.unsqueeze(0)) for i in range(len(ds))])
-    scale = 1.0 / float(raw.float().std()) if args.latent_scale == "auto" else float(args.latent_scale)
-    print(f"latent scale {scale:.4f} (training latents' std {float(raw.float().std()) * scale:.3f} after scaling)")
+    raw_std = latent_std(vae.encode, ds, count=len(ds))
+    scale = 1.0 / raw_std if args.latent_scale == "auto" else float(args.latent_scale)
+    print(f"latent scale {scale:.4f} (training latents' std {raw_std * scale:.3f} after scaling)")
 
     def encode_image(x):
         with torch.no_grad():

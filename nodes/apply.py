@@ -8,6 +8,7 @@ import torch
 
 from ..anydressing_core.branch import DressingBranch, DressingLayer
 from ..anydressing_core.features import GarmentFeatures
+from ..anydressing_core.formats import TRAINING_FREE_STRENGTH
 from ..anydressing_core.layers import format_key
 from . import glue
 
@@ -64,7 +65,7 @@ def resolve_strength(strength: Optional[float], features: GarmentFeatures) -> fl
     """A negative (or missing) strength is auto: the lambda the garment model is meant for (GarmentFeatures.strength,
     from the GarmentsNet file); 0 and up are used as given."""
     if strength is None or strength < 0:
-        value = float(getattr(features, "strength", 0.7))
+        value = float(getattr(features, "strength", TRAINING_FREE_STRENGTH))
         glue.info(f"{NODE}: strength auto = {value:g} for {features.source or 'these garments'}")
         return value
     return float(strength)

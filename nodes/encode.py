@@ -7,6 +7,7 @@ import torch
 from ..anydressing_core.encoder import (TAP_INPUT, TAP_OUTPUT, GarmentEncodeHooks, zero_cross_attention_output,
                                         zero_cross_attention_replace)
 from ..anydressing_core.features import GarmentFeatures
+from ..anydressing_core.formats import TRAINING_FREE_STRENGTH
 from ..anydressing_core.layers import format_key
 from . import glue
 from .garments_net import GarmentsNet
@@ -118,7 +119,7 @@ def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str], clip=
                                          source=gnet.source, injection=gnet.injection,
                                          uncond_default=gnet.uncond_default,
                                          weighted_layers_only=gnet.weighted_layers_only,
-                                         strength=getattr(gnet, "strength", 0.7))
+                                         strength=getattr(gnet, "strength", TRAINING_FREE_STRENGTH))
     glue.info(f"{NODE}: encoded {n} garment(s) ({', '.join(row_slots)}) with {gnet.source} ({tap} features): "
               f"{len(blocks)} layers, "
               f"{feats.nbytes_per_garment() / 2**20:.1f} MiB per garment")

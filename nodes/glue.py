@@ -175,7 +175,6 @@ def info(msg: str) -> None:
     LOG.info("[AnyDressing] %s", msg)
 
 
-
 def progress_bar(total: int):
     """A tick function on ComfyUI's progress bar (the node's bar in the editor, like KSampler's steps)."""
     bar = comfy.utils.ProgressBar(max(1, int(total)))

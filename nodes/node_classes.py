@@ -168,12 +168,12 @@ class EncodeGarments:
             if image is None:
                 continue
             slot = slot_1 if i == 1 else optional.get(f"slot_{i}", DEFAULT_SLOTS[i - 1])
-            if image.dim() == 4 and 0 < min(image.shape[1:3]) < MIN_SIDE:
-                raise NodeError(encode_mod.NODE, f"image_{i} is {image.shape[2]}x{image.shape[1]} pixels; a garment "
-                                                 f"image needs at least {MIN_SIDE} pixels on each side (it is "
-                                                 f"scaled to {width}x{height} and would encode as a blur): load a "
-                                                 f"larger photo of garment {i}")
             if image.dim() == 4:
+                if 0 < min(image.shape[1:3]) < MIN_SIDE:
+                    raise NodeError(encode_mod.NODE, f"image_{i} is {image.shape[2]}x{image.shape[1]} pixels; a "
+                                                     f"garment image needs at least {MIN_SIDE} pixels on each side "
+                                                     f"(it is scaled to {width}x{height} and would encode as a "
+                                                     f"blur): load a larger photo of garment {i}")
                 for note in image_warnings(image):
                     warn(f"Encode Garments: image_{i} {note}")
             if max(image.shape[1:3]) > MAX_SIDE:

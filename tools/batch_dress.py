@@ -29,6 +29,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 sys.path.append(str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # anydressing_core (appended: ComfyUI's "nodes" wins)
@@ -113,7 +114,8 @@ class _Server:
         pass
 
 
-def linked_node(api: dict, ref) -> str:
+def linked_node(ref) -> Optional[str]:
+    """The node id a linked input ([node id, output index]) comes from; None for a widget value."""
     return ref[0] if isinstance(ref, list) else None
 
 
@@ -281,7 +283,7 @@ def prepare(api: dict, outfit: Outfit, input_dir: Path, out_prefix: str) -> dict
         if ct in ("KSampler", "KSamplerAdvanced"):
             ins["seed" if "seed" in ins else "noise_seed"] = outfit.seed
             for key, text in (("positive", outfit.prompt), ("negative", outfit.negative)):
-                src = linked_node(p, ins.get(key))
+                src = linked_node(ins.get(key))
                 if text and src in p and p[src]["class_type"] == "CLIPTextEncode":
                     p[src]["inputs"]["text"] = text
         if ct == "SaveImage":
