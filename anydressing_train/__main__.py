@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="the native .safetensors to write")
     args = ap.parse_args(argv)
+    # a fresh ComfyUI has no models/anydressing/ until the pack has started once; the log and state go beside --out
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
     boot(Path(args.comfyui), flags)
 

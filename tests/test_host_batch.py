@@ -331,3 +331,37 @@ def test_checkpoint_choice_and_size_overrides_reach_every_node_they_name():
     assert [(n["inputs"]["width"], n["inputs"]["height"]) for n in api.values() if "width" in n["inputs"]] == [
         (320, 448), (320, 448), (96, 128)]
     assert api["2"]["inputs"]["batch_size"] == 1 and api["3"]["inputs"]["grow"] == 0
+
+
+def test_readme_training_command_on_a_fresh_comfyui_creates_the_output_folder(fresh, tmp_path):
+    """The README's training command as written (`~` = the folder holding the fresh ComfyUI, the pack on the path as
+    when run from its folder), plus a 2-step run on the CPU: a fresh ComfyUI has no models/anydressing/ yet, and the
+    command creates it instead of failing on its log file; it warns of the random VAE's latent scale."""
+    import shlex
+
+    from anydressing_core.native_format import read_native
+
+    root = fresh
+    line = next(l for l in README.read_text().splitlines() if l.startswith("python -m anydressing_train --comfyui"))
+    cmd = [sys.executable] + [a.replace("~", str(root.parent), 1) if a.startswith("~") else a
+                              for a in shlex.split(line)[1:]]
+    ckpt = root / "models" / "checkpoints" / "v1-5-pruned-emaonly.safetensors"
+    if not ckpt.exists():
+        ckpt.symlink_to(SMALL_SD15)
+    from anydressing_train.data import make_synthetic
+
+    make_synthetic(str(tmp_path / "data"), count=3, size=64, layout="random")
+    make_synthetic(str(tmp_path / "val"), count=1, size=64, seed=1, layout="random")
+    assert not (root / "models" / "anydressing").exists()
+    host_mod.add_shims_if_needed()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(host_mod.REPO),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run(cmd + ["--steps", "2", "--eval-every", "1", "--rank", "4", "--alpha", "4", "--", "--cpu"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    out = root / "models" / "anydressing" / "my_anydressing.safetensors"
+    c = read_native(str(out))
+    assert c.metadata["steps"] == "2" and c.metadata["feature_tap"] == "gfe_output"
+    log = (root / "models" / "anydressing" / "my_anydressing.safetensors.losses.csv").read_text().splitlines()
+    assert log[0].startswith("step,diffusion") and [row.split(",")[0] for row in log[1:]] == ["0", "1", "2"]
+    assert "[AnyDressing] training: the training images' latents have std " in r.stdout
