@@ -186,10 +186,11 @@ def save_checkpoint(engine: LocalEngine, trainer: DressingTrainer, opt, step: in
 @torch.no_grad()
 def evaluate(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_text: EncodeText,
              timesteps=(100, 300, 500, 700, 900), seed: int = 123, limit: int = 0,
-             slots: Optional[list[str]] = None) -> dict[str, float]:
+             slots: Optional[list[str]] = None, by_grid: bool = False) -> dict[str, float]:
     """Fixed noise and timesteps, every garment of each sample: the mean diffusion loss, the localization loss as the
     trainer reduces it, and each garment's mean attention mass A_k inside its mask and outside it (over layers,
-    timesteps and samples; with two garments and no training both are about 0.5), overall and per slot in `slots`."""
+    timesteps and samples; with two garments and no training both are about 0.5), overall and per slot in `slots`;
+    with `by_grid`, also per layer resolution and timestep (mass_inside_<h>x<w>_t<t>: where localization is learned)."""
     from anydressing_core.branch import AttentionProbe
 
     gen = torch.Generator().manual_seed(seed)
@@ -208,7 +209,7 @@ def evaluate(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encod
             eps = trainer.denoise(trainer.add_noise(x0, noise, t), t.float(), context, features, probe=probe)
             diff.append(float(((eps - noise) ** 2).mean()))
             loc.append(float(localization_loss(probe, masks, tuple(x0.shape[-2:]), reduction)))
-            for mass, target, _ in probed_layers(probe, masks):
+            for mass, target, (h, w) in probed_layers(probe, masks):
                 binary = target > 0.5
                 for k, slot in enumerate(sample_slots):
                     if binary[k].any() and (~binary[k]).any():
@@ -217,10 +218,14 @@ def evaluate(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encod
                         outside.append(a_out)
                         per_slot.setdefault(f"mass_inside_{slot}", []).append(a_in)
                         per_slot.setdefault(f"mass_outside_{slot}", []).append(a_out)
+                        if by_grid:
+                            per_slot.setdefault(f"mass_inside_{h}x{w}_t{t_val}", []).append(a_in)
     out = {"diffusion": sum(diff) / len(diff), "localization": sum(loc) / len(loc),
            "mass_inside": sum(inside) / len(inside), "mass_outside": sum(outside) / len(outside)}
     for slot in slots or []:
         for side in ("inside", "outside"):
             values = per_slot.get(f"mass_{side}_{slot}", [])
             out[f"mass_{side}_{slot}"] = sum(values) / len(values) if values else float("nan")
+    if by_grid:
+        out.update({k: sum(v) / len(v) for k, v in per_slot.items() if "_t" in k})
     return out

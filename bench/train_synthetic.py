@@ -90,6 +90,9 @@ def main() -> int:
                     help="first train the random UNet as a plain diffusion model on other synthetic images (batch 4, "
                          "its own seed), so DressingNet's queries carry what an SD1.5 UNet's do about a pixel; 0: off")
     ap.add_argument("--pretrain-lr", type=float, default=1e-3)
+    ap.add_argument("--by-resolution", action="store_true",
+                    help="after training, the inside-mask share per layer resolution and timestep, on the first 8 "
+                         "training samples and on the held-out ones (where localization is learned)")
     ap.add_argument("--latent-scale", default="auto",
                     help="factor on the toy VAE's latents: auto = 1 / their std on the training samples (how SD's "
                          "0.18215 was chosen for its VAE: unit-variance latents, so noise at t hides as much as it "
@@ -183,6 +186,18 @@ def main() -> int:
     for row in history:
         if "val_diffusion" in row:
             line(f"step {row['step']}", {k[4:]: v for k, v in row.items() if k.startswith("val_")})
+    if args.by_resolution:
+        ts = (50, 200, 500, 800)
+        with engine.autocast():
+            seen = evaluate(tr, ds, encode_image, lambda c: context, timesteps=ts, limit=8, by_grid=True)
+            held = evaluate(tr, val, encode_image, lambda c: context, timesteps=ts, by_grid=True)
+        grids = sorted({k.split("_")[2] for k in held if k.startswith("mass_inside_") and "_t" in k},
+                       key=lambda g: int(g.split("x")[0]))
+        print("inside-mask share after training, per layer resolution (training samples / held out):")
+        print(f"{'':10}" + "".join(f"{f't={t}':>16}" for t in ts))
+        for g in grids:
+            print(f"{g:10}" + "".join(f"{seen.get(f'mass_inside_{g}_t{t}', float('nan')):9.3f} / "
+                                      f"{held.get(f'mass_inside_{g}_t{t}', float('nan')):.3f}" for t in ts))
     first, last = history[0], history[-1]
     print(f"training loss (training samples): first step {first['total']:.4f}, last step {last['total']:.4f}; "
           f"{seconds:.3f} s/step; peak memory {peak_memory.kind(device)} {peak:.0f} MiB")

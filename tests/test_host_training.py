@@ -63,6 +63,13 @@ def test_a_short_run_localizes_held_out_garments_at_the_papers_lambda(setup, tmp
     assert after["mass_inside"] > free["mass_inside"] + 0.015
     assert after["mass_inside"] - after["mass_outside"] > free["mass_inside"] - free["mass_outside"] + 0.03
     assert after["diffusion"] <= free["diffusion"]  # measured: 1.379 -> 1.190
+    # the per-resolution breakdown (bench --by-resolution) splits the same figure: one key per grid and timestep
+    split = evaluate(tr, val, enc_img, enc_txt, timesteps=(200, 500, 800), by_grid=True)
+    assert split["mass_inside"] == after["mass_inside"]
+    parts = {k: v for k, v in split.items() if k.startswith("mass_inside_") and "_t" in k}
+    assert {k.rsplit("_t", 1)[1] for k in parts} == {"200", "500", "800"}
+    assert {k.split("_")[2] for k in parts} >= {"2x2", "4x4", "8x8"}
+    assert min(parts.values()) <= split["mass_inside"] <= max(parts.values())
 
 
 LEARN_STEPS, LEARN_LR = 40, 1e-2
