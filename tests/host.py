@@ -1,8 +1,9 @@
 """Find and boot the real ComfyUI host, once per process, for the host tests.
 
-Search order: $COMFYUI_PATH; the ComfyUI whose custom_nodes/ contains this pack; the pinned host (tests/comfyui.version),
-extracted once from ../shared/host/ComfyUI-<version>.tar.gz (beside this checkout, or beside the checkout a local
-clone was made from) into the git-ignored .comfyui/ComfyUI-<version>/.
+Search order: $COMFYUI_PATH; the ComfyUI whose custom_nodes/ contains this pack; the pinned host that $ANYDRESSING_HOST
+names (tests/comfyui.version pins the oldest supported and the newest available; default the oldest), extracted once
+from ../shared/host/ComfyUI-<version>.tar.gz (beside this checkout, or beside the checkout a local clone was made from)
+into the git-ignored .comfyui/ComfyUI-<version>/.
 ~/ComfyUI is deliberately not searched: it may be any version, and a green run on an unknown host proves little.
 """
 
@@ -10,11 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import shutil
+import socket
 import sys
 import tarfile
 import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Optional
 
@@ -58,15 +65,29 @@ CACHE = REPO / ".comfyui"
 UPSTREAM = "https://github.com/Comfy-Org/ComfyUI"
 
 
-def pinned_version() -> tuple[str, str]:
-    """(git tag, commit) from tests/comfyui.version: the first two lines that are not comments."""
-    lines = [ln.strip() for ln in VERSION_FILE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    return lines[0], lines[1]
+def pinned_versions() -> list[tuple[str, str]]:
+    """[(git tag, commit)] from tests/comfyui.version, oldest supported first, newest available last."""
+    out = []
+    for line in VERSION_FILE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            tag, commit = line.split()[:2]
+            out.append((tag, commit))
+    return out
 
 
-def pinned_paths() -> tuple[Path, Path]:
-    """(the archive in ../shared/host, the folder it extracts to in the cache)."""
-    version = pinned_version()[0].lstrip("v")
+def selected_tag() -> str:
+    """The pinned host this process tests: $ANYDRESSING_HOST (tests/run.sh sets it for each run), else the oldest."""
+    tags = [tag for tag, _ in pinned_versions()]
+    wanted = os.environ.get("ANYDRESSING_HOST")
+    if wanted and wanted not in tags:
+        raise RuntimeError(f"ANYDRESSING_HOST={wanted} is not pinned in tests/{VERSION_FILE.name} ({', '.join(tags)})")
+    return wanted or tags[0]
+
+
+def pinned_paths(tag: Optional[str] = None) -> tuple[Path, Path]:
+    """(the archive in ../shared/host, the folder it extracts to in the cache) of a pinned tag (default: selected)."""
+    version = (tag or selected_tag()).lstrip("v")
     return SHARED_HOST / f"ComfyUI-{version}.tar.gz", CACHE / f"ComfyUI-{version}"
 
 
@@ -74,9 +95,9 @@ def _is_comfyui(path: Path) -> bool:
     return (path / "comfy" / "model_patcher.py").is_file() and (path / "execution.py").is_file()
 
 
-def extract_pinned() -> Optional[Path]:
-    """The pinned host, extracted on first use (into a temporary folder, then renamed: never half a tree)."""
-    archive, target = pinned_paths()
+def extract_pinned(tag: Optional[str] = None) -> Optional[Path]:
+    """A pinned host, extracted on first use (into a temporary folder, then renamed: never half a tree)."""
+    archive, target = pinned_paths(tag)
     if _is_comfyui(target):
         return target
     if not archive.is_file():
@@ -97,7 +118,8 @@ def extract_pinned() -> Optional[Path]:
     return target
 
 
-def find_comfyui() -> Optional[Path]:
+def own_comfyui() -> Optional[Path]:
+    """A host the user chose: $COMFYUI_PATH (None if it is not a ComfyUI), else the ComfyUI holding this pack."""
     env = os.environ.get("COMFYUI_PATH")
     if env:
         p = Path(env).expanduser().resolve()
@@ -105,7 +127,14 @@ def find_comfyui() -> Optional[Path]:
     parent = REPO.parent
     if parent.name == "custom_nodes" and _is_comfyui(parent.parent):
         return parent.parent
-    return extract_pinned()
+    return None
+
+
+def find_comfyui() -> Optional[Path]:
+    """The host of this process: the user's own (see own_comfyui), else the selected pinned one."""
+    if os.environ.get("COMFYUI_PATH"):
+        return own_comfyui()
+    return own_comfyui() or extract_pinned()
 
 
 def why_no_host() -> str:
@@ -113,8 +142,8 @@ def why_no_host() -> str:
     env = os.environ.get("COMFYUI_PATH")
     if env:
         return f"COMFYUI_PATH={env} is not a ComfyUI checkout (no comfy/model_patcher.py and execution.py)"
-    tag = pinned_version()[0]
-    archive, _ = pinned_paths()
+    tag = selected_tag()
+    archive, _ = pinned_paths(tag)
     return (f"no ComfyUI host ({archive} not found): host tests skipped; get the pinned one with "
             f"`git clone --depth 1 --branch {tag} {UPSTREAM} ComfyUI` and set COMFYUI_PATH=$PWD/ComfyUI")
 
@@ -127,12 +156,25 @@ def add_shims_if_needed() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(SHIMS)]))
 
 
-class Host:
-    """A booted ComfyUI in this process: its modules, a base directory and an executor helper."""
+CLIENT_ID = "anydressing-tests"
+# the smallest prompt: a mask captured by a fixture node (the first prompt of a boot, and a barrier in reset_cache)
+IDLE_PROMPT = {"1": {"class_type": "ADTestBoxMask", "inputs": {"width": 8, "height": 8, "x0": 0.0, "y0": 0.0,
+                                                             "x1": 1.0, "y1": 1.0, "value": 1.0}},
+               "2": {"class_type": "ADTestCaptureMask", "inputs": {"key": "idle", "mask": ["1", 0]}}}
 
-    def __init__(self, root: Path, base: Path):
+
+class Host:
+    """ComfyUI booted in this process by its own main.py: the real server on loopback and main.py's prompt worker.
+
+    Tests submit prompts through the server API (POST /prompt), follow them on /ws and read /history, as any client
+    does; the executor is the one main.py's worker builds, so the harness never depends on its constructor. The
+    fixture nodes' captures (adtest_tiny.STORE) land in this process.
+    """
+
+    def __init__(self, root: Path, base: Path, url: str, prompt_server):
         self.root = root
         self.base = base
+        self.url = url
         import execution
         import folder_paths
         import nodes
@@ -140,8 +182,10 @@ class Host:
         self.nodes = nodes
         self.execution = execution
         self.folder_paths = folder_paths
+        self.prompt_server = prompt_server
         self.events: list[tuple[str, dict]] = []
-        self._executor = None
+        self._news = threading.Condition()
+        self.boot_warnings: list[str] = []
 
     def pack_module(self, name: str):
         """A module of the AnyDressing pack as ComfyUI imported it (e.g. 'nodes.encode')."""
@@ -157,51 +201,99 @@ class Host:
         p.mkdir(parents=True, exist_ok=True)
         return p
 
-    # a minimal stand-in for PromptServer: the executor only calls these
-    class _Server:
-        def __init__(self, events):
-            self.client_id = "anydressing-tests"
-            self.last_node_id = None
-            self.last_prompt_id = None
-            self.sockets_metadata = {}
-            self._events = events
+    # -- the server API --------------------------------------------------------------------------------------------
+    def request(self, path: str, body: Optional[dict] = None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read() or b"null")
 
-        def send_sync(self, event, data, sid=None):
-            self._events.append((event, data))
+    def _listen(self, ready: threading.Event) -> None:
+        """Collect every /ws message for our client id (progress, executing, cached, errors) into self.events."""
+        import aiohttp
 
-        def queue_updated(self):
-            pass
+        async def listen():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"{self.url}/ws?clientId={CLIENT_ID}", max_msg_size=0) as ws:
+                    ready.set()
+                    async for msg in ws:
+                        if msg.type != aiohttp.WSMsgType.TEXT:
+                            continue
+                        m = json.loads(msg.data)
+                        with self._news:
+                            self.events.append((m.get("type"), m.get("data") or {}))
+                            self._news.notify_all()
 
-    def executor(self, fresh: bool = False):
-        if self._executor is None or fresh:
-            self._executor = self.execution.PromptExecutor(self._Server(self.events),
-                                                           cache_type=self.execution.CacheType.CLASSIC)
-        return self._executor
+        asyncio.run(listen())
 
-    def run(self, prompt: dict, fresh: bool = False) -> dict:
-        """Validate and execute an API-format prompt; returns {'executed': [...], 'cached': [...], 'error': ...}."""
-        import uuid
+    def reset_cache(self) -> None:
+        """ComfyUI's 'free model and node cache' (POST /free), as a user clears it: later prompts run on an empty
+        node cache with no model loaded. Returns once the worker is done with it (then idle), so that a test may
+        touch model management itself."""
+        self.request("/free", {"free_memory": True, "unload_models": True})
+        queue = self.prompt_server.prompt_queue
+        deadline = time.time() + 60
+        while queue.get_flags(reset=False) and time.time() < deadline:
+            time.sleep(0.01)
+        self.run(IDLE_PROMPT)  # queued after the flags were taken: it finishes after the worker acted on them
 
-        pid = str(uuid.uuid4())
-        valid = asyncio.run(self.execution.validate_prompt(pid, prompt, None))
-        if not valid[0]:
-            raise AssertionError(f"prompt invalid: {valid[1]} {valid[3]}")
-        ex = self.executor(fresh)
-        start = len(self.events)
-        ex.execute(prompt, pid, {"client_id": "anydressing-tests"}, valid[2])
-        events = self.events[start:]
+    def run(self, prompt: dict, fresh: bool = False, timeout: float = 600) -> dict:
+        """Submit an API-format prompt and wait until the worker is done with it.
+
+        Returns {'success', 'executed', 'cached', 'errors', 'outputs'} from the /ws events and /history.
+        """
+        if fresh:
+            self.reset_cache()
+        with self._news:
+            start = len(self.events)
+        try:
+            pid = self.request("/prompt", {"prompt": prompt, "client_id": CLIENT_ID})["prompt_id"]
+        except urllib.error.HTTPError as e:
+            body = json.loads(e.read() or b"{}")
+            raise AssertionError(f"prompt invalid: {body.get('error')} {body.get('node_errors')}") from None
+
+        def finished() -> bool:
+            return any(e == "executing" and d.get("node") is None and d.get("prompt_id") == pid
+                       for e, d in self.events[start:])
+
+        deadline = time.time() + timeout
+        with self._news:
+            while not self._news.wait_for(finished, timeout=1.0):
+                if THREAD_ERRORS:
+                    raise RuntimeError(f"a ComfyUI thread died: {THREAD_ERRORS[-1]}")
+                if time.time() > deadline:
+                    raise TimeoutError(f"prompt {pid} did not finish in {timeout} s")
+            events = [(e, d) for e, d in self.events[start:] if d.get("prompt_id") in (pid, None)]
+        history = self.request(f"/history/{pid}").get(pid, {})
         cached = [n for e, d in events if e == "execution_cached" for n in d.get("nodes", [])]
         executed = [d.get("node") for e, d in events if e == "executing" and d.get("node") is not None]
         errors = [d for e, d in events if e == "execution_error"]
-        return {"success": ex.success, "executed": executed, "cached": cached, "errors": errors,
-                "outputs": ex.history_result.get("outputs", {}) if ex.history_result else {}}
+        status = history.get("status", {})
+        return {"success": status.get("status_str") == "success", "executed": executed, "cached": cached,
+                "errors": errors, "outputs": history.get("outputs", {})}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 _HOST: Optional[Host] = None
+THREAD_ERRORS: list[str] = []  # uncaught exceptions of ComfyUI's threads (a dead prompt worker fails the run)
+
+
+def _record_thread_error(args) -> None:
+    import traceback
+
+    text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+    THREAD_ERRORS.append(f"{args.thread.name if args.thread else '?'}: {text}")
+    sys.__stderr__.write(THREAD_ERRORS[-1])
 
 
 def boot() -> Host:
-    """Boot ComfyUI in this process (once): --cpu before comfy.model_management is imported, then load packs."""
+    """Boot ComfyUI in this process (once), through its own main.py: flags (--cpu before comfy.model_management is
+    imported), paths, custom nodes, the server on a free loopback port and main.py's prompt worker."""
     global _HOST
     if _HOST is not None:
         return _HOST
@@ -209,27 +301,18 @@ def boot() -> Host:
     if root is None:
         raise RuntimeError(why_no_host())
     add_shims_if_needed()
+    threading.excepthook = _record_thread_error
     base = Path(tempfile.mkdtemp(prefix="anydressing-host-"))
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK_LINK_NAME).symlink_to(REPO, target_is_directory=True)
     (base / "custom_nodes" / "anydressing_test_fixtures").symlink_to(FIXTURE_PACK, target_is_directory=True)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    saved = sys.argv
+    port = _free_port()
+    saved = sys.argv, sys.stdout, sys.stderr
     sys.argv = ["main.py", "--cpu", "--use-pytorch-cross-attention", "--base-directory", str(base),
-                "--database-url", "sqlite:///:memory:"]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args  # noqa: F401  (parses our argv now)
-    finally:
-        sys.argv = saved
-    import utils.extra_config  # noqa: F401  (ComfyUI's own utils package, before nodes shadows it)
-    import folder_paths
-    import nodes
-
-    assert os.path.samefile(folder_paths.base_path, base), folder_paths.base_path
+                "--database-url", "sqlite:///:memory:", "--listen", "127.0.0.1", "--port", str(port),
+                "--disable-auto-launch", "--disable-api-nodes", "--dont-print-server"]
     import logging
 
     records: list[logging.LogRecord] = []
@@ -239,21 +322,74 @@ def boot() -> Host:
             records.append(record)
 
     keep = _Keep(level=logging.WARNING)
-    logging.getLogger().addHandler(keep)
+    started: dict = {}
+    ready = threading.Event()
+
+    def serve():
+        """main.py's start-up and its server loop, in one thread, as main.py runs them (the database it sets up
+        belongs to the thread that made it)."""
+        try:
+            loop, prompt_server, start_all = main.start_comfyui()
+            started["server"] = prompt_server
+        except BaseException as e:  # noqa: BLE001  (reported by boot)
+            started["error"] = e
+            return
+        finally:
+            logging.getLogger().removeHandler(keep)
+            ready.set()
+        loop.run_until_complete(start_all())
+
     try:
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        spec = importlib.util.spec_from_file_location("comfyui_main", root / "main.py")
+        main = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(main)  # ComfyUI's start-up code (not its __main__ block)
+        logging.getLogger().addHandler(keep)
+        threading.Thread(target=serve, name="comfyui-server", daemon=True).start()
+        ready.wait()
     finally:
-        logging.getLogger().removeHandler(keep)
-    _HOST = Host(root, base)
-    _HOST.boot_warnings = [r.getMessage() for r in records]
-    return _HOST
+        sys.argv = saved[0]
+        sys.stdout, sys.stderr = saved[1], saved[2]  # ComfyUI's log interceptors stay out of pytest's capture
+    if "error" in started:
+        raise RuntimeError(f"ComfyUI did not start: {started['error']!r}") from started["error"]
+    prompt_server = started["server"]
+    import folder_paths
+
+    assert os.path.samefile(folder_paths.base_path, base), folder_paths.base_path
+
+    host = Host(root, base, f"http://127.0.0.1:{port}", prompt_server)
+    deadline = time.time() + 120
+    while True:
+        try:
+            host.request("/system_stats")
+            break
+        except OSError:
+            if time.time() > deadline:
+                raise RuntimeError(f"ComfyUI's server did not answer on port {port}")
+            time.sleep(0.1)
+    ready = threading.Event()
+    threading.Thread(target=host._listen, args=(ready,), name="comfyui-ws", daemon=True).start()
+    if not ready.wait(60):
+        raise RuntimeError("ComfyUI's /ws did not accept the test client")
+    host.boot_warnings = [r.getMessage() for r in records]
+    # One prompt first, as a user's first run: tests also call node functions directly, and ComfyUI's progress hook
+    # (which the nodes' progress bars reach) expects the worker to have run a prompt.
+    warm = host.run(IDLE_PROMPT)
+    if not warm["success"]:
+        raise RuntimeError(f"ComfyUI's first prompt failed: {warm['errors']}")
+    _HOST = host
+    return host
 
 
 if __name__ == "__main__":
-    # `python tests/host.py --find`: the host path (extracting the pinned one if needed), empty when none;
-    # `python tests/host.py --why`: the one line saying why there is none (for tests/run.sh)
+    # For tests/run.sh: `--find`: the host path (extracting the selected pinned one if needed), empty when none;
+    # `--why`: the one line saying why there is none; `--pinned`: the pinned tags, one per line, oldest first;
+    # `--own`: the user's own host ($COMFYUI_PATH or the ComfyUI holding this pack), empty when none.
     if sys.argv[1:] == ["--why"]:
         print(why_no_host())
+    elif sys.argv[1:] == ["--pinned"]:
+        print("\n".join(tag for tag, _ in pinned_versions()))
+    elif sys.argv[1:] == ["--own"]:
+        print(own_comfyui() or "")
     else:
         found = find_comfyui()
         print(found or "")

@@ -37,19 +37,37 @@ def pinned(tmp_path, monkeypatch):
     monkeypatch.setattr(host_mod, "SHARED_HOST", shared)
     monkeypatch.setattr(host_mod, "CACHE", tmp_path / "cache")
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.delenv("ANYDRESSING_HOST", raising=False)
     return shared
 
 
-def test_the_pin_names_the_shared_archive():
-    tag, commit = host_mod.pinned_version()
-    assert tag.startswith("v") and len(commit) == 40 and int(commit, 16) >= 0
-    archive, target = host_mod.pinned_paths()
-    version = tag[1:]
-    assert archive.name == f"ComfyUI-{version}.tar.gz" and archive.parent == host_mod.REPO.parent / "shared" / "host"
-    assert target == host_mod.REPO / ".comfyui" / f"ComfyUI-{version}"
-    # the cache is git-ignored, so an extracted host never lands in a commit
-    ignored = subprocess.run(["git", "-C", str(host_mod.REPO), "check-ignore", "-q", str(target / "main.py")])
-    assert ignored.returncode == 0
+def test_the_pins_name_the_oldest_and_newest_shared_archives(monkeypatch):
+    pins = host_mod.pinned_versions()
+    assert [tag for tag, _ in pins] == ["v0.3.64", "v0.8.0"]  # oldest supported first, newest available last
+    for tag, commit in pins:
+        assert len(commit) == 40 and int(commit, 16) >= 0
+        archive, target = host_mod.pinned_paths(tag)
+        version = tag[1:]
+        assert archive.name == f"ComfyUI-{version}.tar.gz" and archive.parent == host_mod.SHARED_HOST
+        assert target == host_mod.REPO / ".comfyui" / f"ComfyUI-{version}"
+        # the cache is git-ignored, so an extracted host never lands in a commit
+        ignored = subprocess.run(["git", "-C", str(host_mod.REPO), "check-ignore", "-q", str(target / "main.py")])
+        assert ignored.returncode == 0
+    monkeypatch.delenv("ANYDRESSING_HOST", raising=False)
+    assert host_mod.selected_tag() == "v0.3.64"
+    monkeypatch.setenv("ANYDRESSING_HOST", "v0.8.0")
+    assert host_mod.pinned_paths()[1].name == "ComfyUI-0.8.0"
+    monkeypatch.setenv("ANYDRESSING_HOST", "v0.9")
+    with pytest.raises(RuntimeError, match=r"ANYDRESSING_HOST=v0.9 is not pinned in tests/comfyui.version "
+                                           r"\(v0.3.64, v0.8.0\)"):
+        host_mod.selected_tag()
+
+
+def test_pyproject_states_the_tested_range():
+    text = (host_mod.REPO / "pyproject.toml").read_text()
+    pins = host_mod.pinned_versions()
+    assert f'requires-comfyui = ">={pins[0][0].lstrip("v")}"' in text
+    assert f"tested on ComfyUI {pins[0][0]} and {pins[-1][0]}" in text
 
 
 def test_extracted_once_into_the_cache(pinned):
@@ -92,7 +110,7 @@ def test_comfyui_path_wins_over_the_pin(pinned, tmp_path, monkeypatch):
 
 
 def test_without_the_shared_folder_one_line_says_how_to_get_a_host(pinned):
-    tag, _ = host_mod.pinned_version()
+    tag = host_mod.selected_tag()
     assert host_mod.find_comfyui() is None
     why = host_mod.why_no_host()
     assert "\n" not in why
