@@ -73,23 +73,92 @@ def _diffusers_unet_config(sd: dict[str, torch.Tensor]) -> dict:
             "use_temporal_resblock": False, "use_temporal_attention": False}
 
 
+# Keys of ComfyUI's diffusers key map that an SD1.5-family UNet has only for some shapes (a resnet's skip
+# connection when its width changes, the class embedding of ADM models, a level's down/up-sampler): the map lists
+# them for every block, so a file may lack them and still be whole.
+_OPTIONAL_UNET_KEY = ("skip_connection.", "label_emb.", ".op.", ".conv.")
+
+
+def _required_unet_keys(cfg: dict) -> set[str]:
+    """The ldm keys every whole UNet of this config has, from ComfyUI's own key map (never from a built model)."""
+    return {k for k in comfy.utils.unet_to_diffusers(cfg).values() if not any(o in k for o in _OPTIONAL_UNET_KEY)}
+
+
+def _patcher_class():
+    """The ModelPatcher ComfyUI's own loaders build: newer releases choose it per memory manager (CoreModelPatcher)."""
+    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+
+
+def _refuse_non_sd15(name: str, cfg: Optional[dict]) -> NodeError:
+    found = {k: cfg.get(k) for k in ("context_dim", "use_linear_in_transformer", "adm_in_channels",
+                                     "in_channels", "channel_mult")} if cfg else {}
+    return NodeError(NODE, f"{name}: the GarmentsNet UNet is not SD1.5-architecture ({found}); "
+                           f"AnyDressing GarmentsNet needs an SD1.5-family UNet (context 768, 4 latent channels); "
+                           f"for an SDXL MODEL pick 'training-free' (its own UNet encodes the garments)")
+
+
+def _whole_unet_patcher(sd: dict[str, torch.Tensor], cfg: dict) -> Any:
+    """A whole UNet file, loaded the way ComfyUI's diffusion-model loader does: the model its config builds, the
+    weights through BaseModel.load_model_weights, the ModelPatcher its loaders use. Whatever memory manager the host
+    runs (weights created only when loaded, LoRA applied at run time) applies to GarmentsNet too."""
+    model_config = comfy.supported_models.SD15(cfg)
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    params = sum(v.numel() for v in sd.values())
+    dtype = mm.unet_dtype(model_params=params, supported_dtypes=list(model_config.supported_inference_dtypes))
+    manual = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(dtype, manual)
+    model = model_config.get_model(sd, "").to(offload_device)
+    model.load_model_weights(dict(sd), "")  # (it takes the tensors out of the dict it is given)
+    return _patcher_class()(model, load_device=load_device, offload_device=offload_device)
+
+
+def _expected_shape(diffusion_model: torch.nn.Module, key: str) -> Optional[tuple]:
+    """The shape the MODEL's layer has for `key`, when the host holds that weight now (else None: not checked)."""
+    owner, _, attr = key.rpartition(".")
+    try:
+        t = getattr(diffusion_model.get_submodule(owner), attr, None)
+    except AttributeError:
+        return None
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+
+
+def _partial_unet_patcher(sd: dict[str, torch.Tensor], base_model: Any, name: str) -> Any:
+    """A partial fine-tune: the base MODEL (a clone, sharing its weights) with the file's tensors as ComfyUI 'set'
+    patches. The host applies them after the MODEL's own patches (a LoRA the user loaded) whenever it loads the
+    weights, whichever way it loads them, so the keys the file lacks come from the MODEL as sampled."""
+    cfg = base_model.model.model_config.unet_config
+    if not _is_sd15_family(cfg):
+        raise _refuse_non_sd15(name, cfg)
+    dm = base_model.model.diffusion_model
+    for k, v in sd.items():
+        shape = _expected_shape(dm, k)
+        if shape is not None and tuple(v.shape) != shape:
+            raise NodeError(NODE, f"{name}: {k} has shape {tuple(v.shape)}, the connected MODEL's UNet has "
+                                  f"{shape}: the file was trained for another model width")
+    patcher = base_model.clone()
+    applied = set(patcher.add_patches({f"diffusion_model.{k}": ("set", (v,)) for k, v in sd.items()}, 1.0, 1.0))
+    unknown = [k for k in sd if f"diffusion_model.{k}" not in applied]
+    if unknown:
+        raise NodeError(NODE, f"{name}: the connected MODEL cannot supply {unknown[0]} (different architecture)")
+    return patcher
+
+
 def build_unet_patcher(unet: dict[str, torch.Tensor], naming: str, name: str,
                        base_model: Optional[Any] = None) -> Any:
-    """Build a GarmentsNet ModelPatcher from UNet weights (ldm or diffusers naming), SD1.5 architecture.
+    """A GarmentsNet ModelPatcher from UNet weights (ldm or diffusers naming), SD1.5 architecture.
 
-    Keys the file lacks are taken from the base MODEL when one is connected (a partial fine-tune), else refused.
+    A whole UNet loads on its own; keys the file lacks come from the base MODEL when one is connected (a partial
+    fine-tune), else the file is refused. What a file must hold comes from ComfyUI's key map, never from the
+    state_dict() of a freshly built model (newer memory managers build layers without weights).
     """
     sd = dict(unet)
-    base_sd = None
-    if base_model is not None:
-        # Load the MODEL first: the shared module may hold another clone's patched weights until its own load.
-        mm.load_models_gpu([base_model])
-        base_sd = {k: v.detach().to("cpu", copy=True) for k, v in base_model.model.diffusion_model.state_dict().items()}
 
     def partial(without: str) -> NodeError:
         return NodeError(NODE, f"{name} holds a partial GarmentsNet ({len(sd)} UNet tensors, without {without}); "
                                f"connect the base MODEL to the 'model' input so the missing weights come from it")
 
+    cfg = None
     if naming == "diffusers":
         if "conv_in.weight" in sd:
             cfg = _diffusers_unet_config(sd)
@@ -104,46 +173,22 @@ def build_unet_patcher(unet: dict[str, torch.Tensor], naming: str, name: str,
                                   f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
         sd = {mapping[k]: v for k, v in sd.items()}
     anchors = [a for a in ("input_blocks.0.0.weight", "time_embed.0.weight", "out.2.weight") if a not in sd]
-    full = sd
-    if anchors:
-        if base_sd is None:
-            raise partial(anchors[0])
-        full = dict(base_sd)
-        full.update(sd)
-    cfg = comfy.model_detection.detect_unet_config(full, "")
-    if cfg is None or not _is_sd15_family(cfg):
-        found = {k: cfg.get(k) for k in ("context_dim", "use_linear_in_transformer", "adm_in_channels",
-                                         "in_channels", "channel_mult")} if cfg else {}
-        raise NodeError(NODE, f"{name}: the GarmentsNet UNet is not SD1.5-architecture ({found}); "
-                              f"AnyDressing GarmentsNet needs an SD1.5-family UNet (context 768, 4 latent channels); "
-                              f"for an SDXL MODEL pick 'training-free' (its own UNet encodes the garments)")
-    model_config = comfy.supported_models.SD15(cfg)
-    load_device = mm.get_torch_device()
-    offload_device = mm.unet_offload_device()
-    params = sum(v.numel() for v in sd.values())
-    dtype = mm.unet_dtype(model_params=params, supported_dtypes=list(model_config.supported_inference_dtypes))
-    manual = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(dtype, manual)
-    model = model_config.get_model({}, "")
-    model = model.to(offload_device)
-    expected = model.diffusion_model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if unexpected:
-        raise NodeError(NODE, f"{name}: GarmentsNet weights do not fit an SD1.5 UNet; unexpected keys: "
-                              f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-    if missing:
-        if base_sd is None:
-            raise partial(missing[0])
-        for k in missing:
-            if k not in base_sd or base_sd[k].shape != expected[k].shape:
-                raise NodeError(NODE, f"{name}: the connected MODEL cannot supply {k} (different architecture)")
-            sd[k] = base_sd[k]
-    for k, v in sd.items():
-        if v.shape != expected[k].shape:
-            raise NodeError(NODE, f"{name}: {k} has shape {tuple(v.shape)}, the UNet expects {tuple(expected[k].shape)}")
-    model.diffusion_model.load_state_dict(sd, strict=True)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    if not anchors:
+        cfg = comfy.model_detection.detect_unet_config(sd, "")
+        if cfg is None or not _is_sd15_family(cfg):
+            raise _refuse_non_sd15(name, cfg)
+        mapping = comfy.utils.unet_to_diffusers(cfg)
+        unexpected = [k for k in sd if k not in set(mapping.values())]
+        if unexpected:
+            raise NodeError(NODE, f"{name}: GarmentsNet weights do not fit an SD1.5 UNet; unexpected keys: "
+                                  f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        missing = sorted(_required_unet_keys(cfg) - set(sd))
+        if not missing:
+            return _whole_unet_patcher(sd, cfg)
+        anchors = missing
+    if base_model is None:
+        raise partial(anchors[0])
+    return _partial_unet_patcher(sd, base_model, name)
 
 
 def from_contents(contents: NativeContents, name: str, base_model: Optional[Any]) -> GarmentsNet:
