@@ -19,13 +19,15 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-# attention(q, k, v, heads) -> [B, Lq, heads*d]; q/k/v are [B, L, heads*d]. The node layer passes ComfyUI's
-# optimized attention here so every backend (and other packs' overrides) keep working.
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# attention(q, k, v, heads, transformer_options=...) -> [B, Lq, heads*d]; q/k/v are [B, L, heads*d]. The node layer
+# passes ComfyUI's optimized attention here, and the layer's transformer_options with it, so every backend (and the
+# attention overrides of the core and other packs) applies to the garment branch too.
+AttentionFn = Callable[..., torch.Tensor]
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Plain multi-head attention with torch's SDPA; used when no host attention function is given."""
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, **options) -> torch.Tensor:
+    """Plain multi-head attention with torch's SDPA; used when no host attention function is given (options, such
+    as transformer_options, are for host attention functions and are not needed here)."""
     b, lq, inner = q.shape
     d = inner // heads
     qh = q.reshape(b, lq, heads, d).transpose(1, 2)

@@ -8,6 +8,7 @@ the layer before us is kept and called for the self-attention part.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
@@ -332,11 +333,12 @@ class DressingBranch:
             if not seen:
                 return None
         kp, vp = self.projected(key, layer, q.device, q.dtype, cache, extra.get(WEIGHTS_GENERATION_KEY))
-        heads = int(extra["n_heads"])
+        heads = int(extra.get("n_heads") or 1)
         pieces = []
         probe = extra.get(PROBE_KEY)
+        attention = functools.partial(self.attention, transformer_options=extra)
         for start, end in _merge(ranges):
-            g = garment_attention(q[start:end], kp, vp, heads, layer.segments, self.weights, masks, self.attention,
+            g = garment_attention(q[start:end], kp, vp, heads, layer.segments, self.weights, masks, attention,
                                   joint=self.mode != "separate", visible=visible)
             pieces.append((start, end, g * self.strength))
             if probe is not None:
@@ -386,6 +388,12 @@ class DressingAttentionReplace:
         if self.previous is not None and hasattr(self.previous, "models"):
             return list(self.previous.models())
         return []
+
+    def cleanup(self, *args, **kwargs):
+        """ComfyUI asks patches to clean up after a run: the wrapped replacement gets the call (ours keeps no state)."""
+        if self.previous is not None and hasattr(self.previous, "cleanup"):
+            return self.previous.cleanup(*args, **kwargs)
+        return None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
         joined = [b.extra_tokens(self.key, q, extra) for b in self.branches if b.mode == "concat"]

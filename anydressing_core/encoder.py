@@ -32,7 +32,9 @@ def check_tap(tap: str) -> str:
 
 
 def extra_key(extra: dict) -> LayerKey:
-    block = extra["block"]
+    block = extra.get("block")
+    if block is None:
+        raise ValueError("the attention patch's options name no 'block' (ComfyUI passes (name, index) there)")
     return (block[0], int(block[1]), int(extra.get("block_index", 0)))
 
 

@@ -282,7 +282,7 @@ class DressingTrainer(nn.Module):
 
 
 def _sdpa_self_attention(q, k, v, extra):
-    return sdpa_attention(q, k, v, extra["n_heads"])
+    return sdpa_attention(q, k, v, extra.get("n_heads"))
 
 
 def _dtype_of(net: nn.Module) -> torch.dtype:

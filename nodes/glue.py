@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 
@@ -45,13 +46,18 @@ def _node_error(node: str, message: str) -> NodeError:
 
 def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
     """ComfyUI's own attention for the layer (whatever backend it picked, with overrides from transformer_options)."""
-    return comfy_attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
+    return comfy_attention.optimized_attention(q, k, v, extra.get("n_heads"), attn_precision=extra.get("attn_precision"),
                                                transformer_options=extra)
 
 
-def garment_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """ComfyUI's attention for the garment branch of eq. 6 (one softmax over all garment tokens)."""
-    return comfy_attention.optimized_attention(q, k, v, heads)
+def garment_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                         transformer_options: Optional[dict] = None) -> torch.Tensor:
+    """ComfyUI's attention for the garment branch of eq. 6 (one softmax over all garment tokens), with the layer's
+    transformer_options, so attention-backend overrides (a core node's, other packs') reach it as they reach the
+    layer's own attention."""
+    options = transformer_options if transformer_options is not None else {}
+    return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=options.get("attn_precision"),
+                                               transformer_options=options)
 
 
 def self_attention_layers(diffusion_model: torch.nn.Module) -> dict[LayerKey, torch.nn.Module]:
@@ -103,21 +109,26 @@ def run_cache_wrapper(executor, *args, **kwargs):
         guider.model_options = original
 
 
-def keep_dressing_wrapper(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
-                          **kwargs):
+TRANSFORMER_OPTIONS_ARG = 5  # UNetModel.forward(x, timesteps, context, y, control, transformer_options, ...)
+
+
+def keep_dressing_wrapper(executor, *args, **kwargs):
     """DIFFUSION_MODEL wrapper: put the garment branches back under attn1 replacements installed after ours.
 
     Self-Attention Guidance (on the MODEL) and Perturbed-Attention Guidance (in its extra pass) replace the middle
     block's attn1 after Apply Dressing-Attention ran; without this the garments would silently vanish there.
-    The per-call transformer_options is ComfyUI's shallow copy: the nested dicts are copied, never edited.
+    The per-call transformer_options is ComfyUI's shallow copy: the nested dicts are copied, never edited. Every
+    argument, known or not, is passed on unchanged.
     """
-    dressed = transformer_options.get(DRESSED_KEY)
+    positional = len(args) > TRANSFORMER_OPTIONS_ARG
+    options = args[TRANSFORMER_OPTIONS_ARG] if positional else kwargs.get("transformer_options")
+    dressed = options.get(DRESSED_KEY) if isinstance(options, dict) else None
     if isinstance(dressed, DressedLayers):
-        replaces = transformer_options.get("patches_replace", {})
+        replaces = options.get("patches_replace", {})
         fix = restore_dressing(replaces.get("attn1", {}), dressed)
         if fix:
-            transformer_options["patches_replace"] = {**replaces, "attn1": {**replaces.get("attn1", {}), **fix}}
-    return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+            options["patches_replace"] = {**replaces, "attn1": {**replaces.get("attn1", {}), **fix}}
+    return executor(*args, **kwargs)
 
 
 def install_branch(model_patcher, branch: DressingBranch, keys: list[LayerKey]) -> None:
