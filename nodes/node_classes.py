@@ -7,7 +7,7 @@ import torch
 import folder_paths
 
 from ..anydressing_core.preprocess import MAX_SIDE, MIN_SIDE, border_darkness, image_warnings, prepare_garment
-from ..anydressing_core.slots import SLOTS
+from ..anydressing_core.slots import MAX_GARMENTS, SLOTS
 from . import apply as apply_mod
 from . import attention_maps as maps_mod
 from . import garment_masks as masks_mod
@@ -18,7 +18,6 @@ from .glue import NodeError, warn
 
 CATEGORY = "AnyDressing"
 FOLDER = "anydressing"
-MAX_GARMENTS = 6
 DEFAULT_SLOTS = ("upper", "lower", "shoes", "hat", "bag", "other")
 
 

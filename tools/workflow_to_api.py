@@ -1,9 +1,10 @@
 """Turn a workflow saved by the editor (UI format) into an API prompt (what POST /prompt and the batch tool take).
 
     python custom_nodes/ComfyUI-AnyDressing/tools/workflow_to_api.py in.json -o out.json
-        # from the ComfyUI folder: loads ComfyUI's node definitions (custom nodes included), starts no server
+        # from the ComfyUI folder: starts that ComfyUI (custom nodes included) on a free loopback port, asks it for
+        # its node definitions (GET /object_info) and stops it
     python custom_nodes/ComfyUI-AnyDressing/tools/workflow_to_api.py in.json -o out.json --server http://127.0.0.1:8188
-        # asks a running ComfyUI for its node definitions (GET /object_info) instead
+        # asks a running ComfyUI instead (starts nothing)
 
 Without -o the prompt goes to stdout. Extra ComfyUI flags go after "--".
 """
@@ -19,8 +20,13 @@ from pathlib import Path
 sys.path.append(str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # anydressing_core (appended: ComfyUI's "nodes" wins)
 
-from anydressing_core.workflow_api import WorkflowError, to_api, to_api_from_object_info  # noqa: E402
-from headless_comfy import boot, find_root, split_comfy_args  # noqa: E402
+from anydressing_core.workflow_api import WorkflowError, to_api_from_object_info  # noqa: E402
+from local_comfy import LocalComfyUI, find_root, split_comfy_args  # noqa: E402
+
+
+def object_info(url: str) -> dict:
+    with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=300) as r:
+        return json.loads(r.read())
 
 
 def main(argv=None) -> int:
@@ -37,15 +43,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.workflow} is already an API prompt (no \"nodes\" list); nothing to convert")
     try:
         if args.server:
-            with urllib.request.urlopen(args.server.rstrip("/") + "/object_info", timeout=60) as r:
-                api = to_api_from_object_info(workflow, json.loads(r.read()))
-        else:
-            stdout, sys.stdout = sys.stdout, sys.stderr  # start-up chatter must not mix into the prompt on stdout
             try:
-                nodes, _ = boot(find_root(args.comfyui), comfy_args)
-            finally:
-                sys.stdout = stdout
-            api = to_api(workflow, nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
+                info = object_info(args.server)
+            except OSError as e:
+                raise SystemExit(f"--server {args.server}: no answer ({e}); start ComfyUI there or check the address")
+        else:
+            with LocalComfyUI(find_root(args.comfyui), comfy_args) as local:  # its log goes to stderr
+                info = object_info(local.url)
+        api = to_api_from_object_info(workflow, info)
     except WorkflowError as e:
         raise SystemExit(f"{args.workflow}: {e}")
     text = json.dumps(api, indent=2)
