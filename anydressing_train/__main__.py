@@ -96,7 +96,7 @@ def main(argv=None) -> int:
 
     from anydressing_train.data import FolderDataset
     from anydressing_train.engine import accelerate_available, half_dtype, make_engine
-    from anydressing_train.loop import train
+    from anydressing_train.loop import ResumeError, train
     from anydressing_train.trainer import DressingTrainer
 
     # accelerate first: under a multi-process launch it selects this process's GPU before ComfyUI's model management
@@ -146,12 +146,15 @@ def main(argv=None) -> int:
                               finetune_garments_net=args.finetune_garments_net,
                               gradient_checkpointing=args.gradient_checkpointing, feature_tap=args.feature_tap,
                               strength=args.strength, loc_reduction=args.loc_reduction, copy_unet=False).to(device)
-    history = train(trainer, dataset, models.encode_image, models.encode_text, steps=args.steps, lr=args.lr,
-                    lambda_loc=args.lambda_loc, dropout=args.dropout, seed=args.seed,
-                    checkpoint=args.out + ".state.pt", log=args.out + ".losses.csv", progress=True, decode=decode,
-                    texture_net=net, lambda_tex=args.lambda_tex, texture_max_t=args.texture_max_t, engine=engine,
-                    save_every=args.save_every, max_grad_norm=args.max_grad_norm, val_dataset=val,
-                    eval_every=args.eval_every, eval_limit=args.eval_samples)
+    try:
+        history = train(trainer, dataset, models.encode_image, models.encode_text, steps=args.steps, lr=args.lr,
+                        lambda_loc=args.lambda_loc, dropout=args.dropout, seed=args.seed,
+                        checkpoint=args.out + ".state.pt", log=args.out + ".losses.csv", progress=True,
+                        decode=decode, texture_net=net, lambda_tex=args.lambda_tex, texture_max_t=args.texture_max_t,
+                        engine=engine, save_every=args.save_every, max_grad_norm=args.max_grad_norm, val_dataset=val,
+                        eval_every=args.eval_every, eval_limit=args.eval_samples)
+    except ResumeError as e:
+        raise SystemExit(str(e)) from None
     if engine.is_main_process:
         trainer.save(args.out, {"base_model": Path(args.checkpoint).name,
                                 "base_model_sha256_64mib": file_sha256(args.checkpoint),

@@ -55,6 +55,34 @@ def latent_std_warning(std: float) -> Optional[str]:
             f"VAE baked in")
 
 
+class ResumeError(ValueError):
+    """A training checkpoint that does not fit this run."""
+
+
+def check_resume(trainer: DressingTrainer, state: dict, checkpoint: str) -> None:
+    """Refuse a checkpoint of another training setup (other slots, LoRA rank, feature tap or GarmentsNet choice)
+    instead of silently training fresh parameters where its tensors do not fit: every trainable tensor must be there,
+    with its shape, and nothing else."""
+    mine = trainer.trainable_state_dict()
+    theirs = state.get("trainer") or {}
+    missing = sorted(set(mine) - set(theirs))
+    unexpected = sorted(set(theirs) - set(mine))
+    reshaped = sorted(k for k in set(mine) & set(theirs) if tuple(mine[k].shape) != tuple(theirs[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"it lacks {len(missing)} tensor(s) this run trains, e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"it has {len(unexpected)} tensor(s) this run does not train, e.g. {unexpected[0]}")
+    if reshaped:
+        k = reshaped[0]
+        problems.append(f"{len(reshaped)} tensor(s) have another shape, e.g. {k} {tuple(theirs[k].shape)} here "
+                        f"{tuple(mine[k].shape)}")
+    if problems:
+        raise ResumeError(f"[AnyDressing] training: cannot resume from {checkpoint}: it was saved by another training "
+                         f"setup ({'; '.join(problems)}). Run with the --slots, --rank, --feature-tap and "
+                         f"--finetune-garments-net it was started with, or start afresh with another --out")
+
+
 def train(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_text: EncodeText, steps: int,
           lr: float = 5e-5, lambda_loc: float = 0.01, dropout: float = 0.1, seed: int = 0,
           checkpoint: Optional[str] = None, log: Optional[str] = None, progress: bool = False,
@@ -75,7 +103,8 @@ def train(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encode_t
     start, history = 0, []
     if checkpoint and Path(checkpoint).is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        trainer.load_state_dict(state["trainer"], strict=False)
+        check_resume(trainer, state, checkpoint)
+        trainer.load_state_dict(state["trainer"], strict=False)  # (strict would also want the frozen UNet)
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
         history = json.loads(state["history"])
@@ -191,11 +220,12 @@ def evaluate(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encod
     trainer reduces it, and each garment's mean attention mass A_k inside its mask and outside it (over layers,
     timesteps and samples; with two garments and no training both are about 0.5), overall and per slot in `slots`;
     with `by_grid`, also per layer resolution and timestep (mass_inside_<h>x<w>_t<t>: where localization is learned)."""
-    from anydressing_core.branch import AttentionProbe
+    from anydressing_core.run_state import AttentionProbe
 
     gen = torch.Generator().manual_seed(seed)
     diff, loc, inside, outside = [], [], [], []
     per_slot: dict[str, list[float]] = {}
+    per_grid: dict[str, list[float]] = {}
     reduction = getattr(trainer, "loc_reduction", "mean")
     for i in range(min(len(dataset), limit) if limit else len(dataset)):
         sample = dataset[i]
@@ -219,13 +249,17 @@ def evaluate(trainer: DressingTrainer, dataset, encode_image: EncodeImage, encod
                         per_slot.setdefault(f"mass_inside_{slot}", []).append(a_in)
                         per_slot.setdefault(f"mass_outside_{slot}", []).append(a_out)
                         if by_grid:
-                            per_slot.setdefault(f"mass_inside_{h}x{w}_t{t_val}", []).append(a_in)
-    out = {"diffusion": sum(diff) / len(diff), "localization": sum(loc) / len(loc),
-           "mass_inside": sum(inside) / len(inside), "mass_outside": sum(outside) / len(outside)}
+                            per_grid.setdefault(f"mass_inside_{h}x{w}_t{t_val}", []).append(a_in)
+    # (no sample, or no mask with pixels both inside and outside: the means are NaN, not a division by zero)
+    out = {"diffusion": _mean(diff), "localization": _mean(loc), "mass_inside": _mean(inside),
+           "mass_outside": _mean(outside)}
     for slot in slots or []:
         for side in ("inside", "outside"):
-            values = per_slot.get(f"mass_{side}_{slot}", [])
-            out[f"mass_{side}_{slot}"] = sum(values) / len(values) if values else float("nan")
+            out[f"mass_{side}_{slot}"] = _mean(per_slot.get(f"mass_{side}_{slot}", []))
     if by_grid:
-        out.update({k: sum(v) / len(v) for k, v in per_slot.items() if "_t" in k})
+        out.update({k: _mean(v) for k, v in per_grid.items()})
     return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
