@@ -21,10 +21,10 @@ import peak_memory  # noqa: E402
 def compare(paths: list[str]) -> int:
     import torch
 
-    ref = torch.load(paths[0])
+    ref = torch.load(paths[0], weights_only=True)
     scale = float(ref.abs().max())
     for p in paths[1:]:
-        other = torch.load(p)
+        other = torch.load(p, weights_only=True)
         print(f"{Path(p).name}: max |diff| relative to {Path(paths[0]).name}: "
               f"{float((other - ref).abs().max()) / scale:.2e}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -222,19 +222,38 @@ def from_contents(contents: NativeContents, name: str, base_model: Optional[Any]
                        strength=strength)
 
 
-def load(choice: str, path: Optional[str], base_model: Optional[Any], extra_path: Optional[str] = None) -> GarmentsNet:
+@dataclass
+class ModelFile:
+    """A model file as ComfyUI's folder lookup found it (path None: not found), and where it was expected."""
+
+    name: str
+    path: Optional[str]
+    expected: str
+
+
+def _found(f: Union[ModelFile, str, None]) -> Optional[str]:
+    if isinstance(f, ModelFile):
+        return f.path
+    return f
+
+
+def load(choice: str, path: Union[ModelFile, str, None], base_model: Optional[Any],
+         extra_path: Union[ModelFile, str, None] = None) -> GarmentsNet:
     if choice == TRAINING_FREE:
         if base_model is None:
             raise NodeError(NODE, "'training-free' uses the base MODEL's own UNet as GarmentsNet: connect your "
                                   "checkpoint's MODEL to the 'model' input, or pick a GarmentsNet file")
         return GarmentsNet(patcher=base_model.clone(), source=TRAINING_FREE)
-    if path is None or not os.path.isfile(path):
-        raise NodeError(NODE, f"GarmentsNet file {choice!r} not found (expected at {path or choice}); put it in "
+    if _found(path) is None or not os.path.isfile(_found(path)):
+        where = path.expected if isinstance(path, ModelFile) else (path or choice)
+        raise NodeError(NODE, f"GarmentsNet file {choice!r} not found (expected at {where}); put it in "
                               f"ComfyUI/models/anydressing/ and refresh (the README's model table says where each "
                               f"file comes from)")
-    if extra_path is not None and not os.path.isfile(extra_path):
-        raise NodeError(NODE, f"extra weights file not found (expected at {extra_path}); put it in "
+    if extra_path is not None and (_found(extra_path) is None or not os.path.isfile(_found(extra_path))):
+        where = extra_path.expected if isinstance(extra_path, ModelFile) else extra_path
+        raise NodeError(NODE, f"extra weights file not found (expected at {where}); put it in "
                               f"ComfyUI/models/anydressing/ and refresh")
+    path, extra_path = _found(path), _found(extra_path)
     try:
         contents = load_contents(path, extra_path)
     except FormatError as e:

@@ -13,9 +13,9 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.utils
 
-from ..anydressing_core.branch import (RUN_CACHE_KEY, WEIGHTS_GENERATION_KEY, DressedLayers, DressingAttentionReplace,
-                                      DressingBranch, RunCache, WeightsGeneration, restore_dressing)
-from ..anydressing_core.layers import LayerKey, format_key, is_layer_path, key_from_path, sort_keys
+from ..anydressing_core.branch import DressedLayers, DressingAttentionReplace, DressingBranch, restore_dressing
+from ..anydressing_core.run_state import RUN_CACHE_KEY, WEIGHTS_GENERATION_KEY, RunCache, WeightsGeneration
+from ..anydressing_core.layers import LayerKey, format_key, self_attention_blocks
 
 LOG = logging.getLogger("AnyDressing")
 WRAPPER_KEY = "anydressing"
@@ -34,10 +34,11 @@ class NodeError(Exception):
         return (_node_error, (self.node, self.detail))
 
 
-# ComfyUI shows an error's type as module + name; our module path is built from the install folder
-# ("custom_nodes.ComfyUI-AnyDressing.nodes.glue" or a hashed name), so the UI, the API and the logs would show a
-# different type per install. As a builtin-module name it shows as plain "NodeError" everywhere.
-NodeError.__module__ = "builtins"
+# ComfyUI shows an error's type as module + name; our real module path is built from the install folder (ComfyUI
+# imports the pack under its folder's path), so the UI, the API and the logs would show a different type per
+# install. The pack's own name, "anydressing" (pyproject.toml's), is the same everywhere; pickling goes through
+# __reduce__ above, never through that name.
+NodeError.__module__ = "anydressing"
 
 
 def _node_error(node: str, message: str) -> NodeError:
@@ -61,18 +62,9 @@ def garment_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
 
 
 def self_attention_layers(diffusion_model: torch.nn.Module) -> dict[LayerKey, torch.nn.Module]:
-    """Every self-attention transformer block, found by walking the model (no hard-coded list).
-
-    Returns layer key -> BasicTransformerBlock, keyed the way ComfyUI's attn1 patches are looked up.
-    """
-    found: dict[LayerKey, torch.nn.Module] = {}
-    for name, module in diffusion_model.named_modules():
-        if not isinstance(module, comfy_attention.BasicTransformerBlock):
-            continue
-        if getattr(module, "disable_self_attn", False) or not is_layer_path(name):
-            continue
-        found[key_from_path(name)] = module
-    return {k: found[k] for k in sort_keys(found)}
+    """Every self-attention transformer block of the MODEL's UNet, keyed the way ComfyUI's attn1 patches are
+    looked up (anydressing_core.layers.self_attention_blocks: found by walking the model)."""
+    return self_attention_blocks(diffusion_model)
 
 
 def layer_channels(blocks: dict[LayerKey, torch.nn.Module]) -> dict[LayerKey, int]:

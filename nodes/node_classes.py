@@ -22,7 +22,8 @@ DEFAULT_SLOTS = ("upper", "lower", "shoes", "hat", "bag", "other")
 
 
 def register_model_folder() -> None:
-    """models/anydressing/, keeping paths that extra_model_paths.yaml already added under that name."""
+    """models/anydressing/, added with ComfyUI's own add_model_folder_path: the paths (and the extension set) a
+    user's extra_model_paths.yaml gave under that name stay as they are."""
     import os
 
     default = os.path.join(folder_paths.models_dir, FOLDER)
@@ -30,13 +31,13 @@ def register_model_folder() -> None:
         os.makedirs(default, exist_ok=True)
     except OSError:
         pass
-    if FOLDER in folder_paths.folder_names_and_paths:
-        paths, _ = folder_paths.folder_names_and_paths[FOLDER]
-        if default not in paths:
-            paths.append(default)
-        folder_paths.folder_names_and_paths[FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
-    else:
-        folder_paths.folder_names_and_paths[FOLDER] = ([default], set(folder_paths.supported_pt_extensions))
+    folder_paths.add_model_folder_path(FOLDER, default)
+
+
+def model_files() -> list[str]:
+    """The weight files in the anydressing folders (a training run's .losses.csv beside its file is not one)."""
+    extensions = tuple(folder_paths.supported_pt_extensions)
+    return [n for n in folder_paths.get_filename_list(FOLDER) if n.lower().endswith(extensions)]
 
 
 _EXTRA_OK: dict[tuple[str, float, int], bool] = {}  # (path, mtime, size) -> holds only Dressing-Attention weights
@@ -52,7 +53,7 @@ def extra_weights_files() -> list[str]:
     from ..anydressing_core.formats import FormatError, holds_only_dressing_weights, read_keys
 
     found = []
-    for name in folder_paths.get_filename_list(FOLDER):
+    for name in model_files():
         path = folder_paths.get_full_path(FOLDER, name)
         try:
             st = os.stat(path)
@@ -84,7 +85,7 @@ class LoadGarmentsNet:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "garments_net_name": ([gnet_mod.TRAINING_FREE] + folder_paths.get_filename_list(FOLDER), {
+                "garments_net_name": ([gnet_mod.TRAINING_FREE] + model_files(), {
                     "tooltip": "An AnyDressing-format file from ComfyUI/models/anydressing/, or 'training-free' to "
                                "use the connected MODEL's UNet as GarmentsNet."}),
             },
@@ -106,11 +107,12 @@ class LoadGarmentsNet:
         return (gnet_mod.load(garments_net_name, path, model, extra),)
 
 
-def _model_path(name: str) -> str:
-    """The file's full path, or where it was expected (for the error message)."""
+def _model_path(name: str) -> "gnet_mod.ModelFile":
+    """What ComfyUI's own lookup finds for `name` (only that is ever opened), with where it was expected."""
     import os
 
-    return folder_paths.get_full_path(FOLDER, name) or os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name)
+    return gnet_mod.ModelFile(name, folder_paths.get_full_path(FOLDER, name),
+                              os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name))
 
 
 def _garment_inputs():

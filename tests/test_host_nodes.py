@@ -48,13 +48,15 @@ def test_custom_types_and_model_folder(host):
     assert m["AnyDressingApplyDressingAttention"].INPUT_TYPES()["optional"]["garment_masks"][0] == "GARMENT_MASKS"
     paths, exts = host.folder_paths.folder_names_and_paths["anydressing"]
     assert str(host.models_dir / "anydressing") in paths
-    assert ".safetensors" in exts
-    # a file dropped into models/anydressing/ is offered by Load GarmentsNet
+    # a weight file dropped into models/anydressing/ is offered by Load GarmentsNet; a training log beside it is not
     (host.anydressing_dir() / "listed.safetensors").write_bytes(b"")
+    (host.anydressing_dir() / "listed.safetensors.losses.csv").write_text("step\n")
     host.folder_paths.cache_helper.clear() if hasattr(host.folder_paths, "cache_helper") else None
     choices = m["AnyDressingLoadGarmentsNet"].INPUT_TYPES()["required"]["garments_net_name"][0]
     assert choices[0] == "training-free" and "listed.safetensors" in choices
+    assert not any(c.endswith(".csv") for c in choices)
     (host.anydressing_dir() / "listed.safetensors").unlink()
+    (host.anydressing_dir() / "listed.safetensors.losses.csv").unlink()
 
 
 def test_model_folder_is_created_at_start_up_when_absent(host, tmp_path):
@@ -65,6 +67,11 @@ def test_model_folder_is_created_at_start_up_when_absent(host, tmp_path):
         host.pack_module("nodes.node_classes").register_model_folder()
         assert (tmp_path / "anydressing").is_dir()
         assert fp.folder_names_and_paths["anydressing"][0] == [str(tmp_path / "anydressing")]
+        # an entry that extra_model_paths.yaml made first keeps its paths and its extension set
+        fp.folder_names_and_paths["anydressing"] = (["/models/shared/anydressing"], {".safetensors"})
+        host.pack_module("nodes.node_classes").register_model_folder()
+        assert fp.folder_names_and_paths["anydressing"] == (
+            ["/models/shared/anydressing", str(tmp_path / "anydressing")], {".safetensors"})
     finally:
         fp.models_dir = saved_dir
         fp.folder_names_and_paths["anydressing"] = saved_entry
@@ -119,6 +126,6 @@ def test_node_errors_show_a_plain_stable_type_name_and_survive_pickling(host):
 
     glue = host.pack_module("nodes.glue")
     err = glue.NodeError("Encode Garments", "image_1: something to fix")
-    assert host.execution.full_type_name(type(err)) == "NodeError"  # what ComfyUI prints as the exception type
+    assert host.execution.full_type_name(type(err)) == "anydressing.NodeError"  # the type ComfyUI prints
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is type(err) and str(back) == "[AnyDressing] Encode Garments: image_1: something to fix"
