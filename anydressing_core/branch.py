@@ -18,99 +18,10 @@ import torch
 from .attention import AttentionFn, garment_attention, garment_attention_mass, sdpa_attention, visible_queries
 from .layers import LayerKey, format_key
 from .masks import resize_to_grid
+from .run_state import GARMENT_ROWS_KEY, PROBE_KEY, RUN_CACHE_KEY, WEIGHTS_GENERATION_KEY, RunCache, WeightsGeneration
 
 Projection = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 SelfAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
-
-# transformer_options key under which the sampling wrapper publishes the per-run cache
-RUN_CACHE_KEY = "anydressing_run_cache"
-# transformer_options key listing the cond_or_uncond values whose rows see the garments (default: 0, the cond rows).
-# Garment guidance adds a third row set (negative text with garments) as value 2.
-GARMENT_ROWS_KEY = "anydressing_garment_rows"
-# transformer_options key of a WeightsGeneration: bumped whenever the host re-patches the MODEL's weights mid-run
-WEIGHTS_GENERATION_KEY = "anydressing_weights_generation"
-# transformer_options key of an AttentionProbe: when present, every branch records its garments' attention mass A_k
-PROBE_KEY = "anydressing_attention_probe"
-
-
-class AttentionProbe:
-    """Collects A_k (eq. 8) per branch and layer during one model evaluation: {branch: {layer: (mass, (h, w))}}.
-
-    mass is [N, rows, tokens] for the rows that see the garments. Not a dict, so ComfyUI's option copies keep it.
-    """
-
-    def __init__(self, keep_grad: bool = False, on_record: Optional[Callable[[], None]] = None):
-        self.maps: dict = {}
-        self.order: list = []
-        self.keep_grad = keep_grad  # training: the localization loss backpropagates through A_k
-        self.on_record = on_record  # progress: called once per recorded (branch, layer)
-
-    def record(self, branch: "DressingBranch", key: LayerKey, mass: torch.Tensor, grid: tuple[int, int]) -> None:
-        if branch not in self.maps:
-            self.maps[branch] = {}
-            self.order.append(branch)
-        self.maps[branch][key] = (mass if self.keep_grad else mass.detach().float().cpu(), grid)
-        if self.on_record is not None:
-            self.on_record()
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-class WeightsGeneration:
-    """A counter the host bumps each time it re-applies weight hooks (scheduled LoRA keyframes, per-cond hooks).
-
-    ComfyUI patches hook weights in place (under inference mode, where tensors keep no version counter), so K'/V'
-    projected with to_k/to_v must be keyed to this counter. Shared by every clone: never copied.
-    """
-
-    def __init__(self):
-        self.value = 0
-
-    def bump(self, *args) -> None:
-        self.value += 1
-
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-class RunCache:
-    """Per sampling run: projected garment K'/V' and resized masks. Created and cleared by a sampling wrapper.
-
-    Deliberately not a dict: ComfyUI copies nested dicts of model_options during sampling, which would give every
-    step a fresh, empty cache.
-    """
-
-    def __init__(self):
-        self._items: dict = {}
-
-    def get(self, key, default=None):
-        return self._items.get(key, default)
-
-    def __getitem__(self, key):
-        return self._items[key]
-
-    def __setitem__(self, key, value):
-        self._items[key] = value
-
-    def __contains__(self, key) -> bool:
-        return key in self._items
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def clear(self) -> None:
-        self._items.clear()
-
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
-
 
 @dataclass(eq=False)
 class DressingLayer:

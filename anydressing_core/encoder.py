@@ -47,7 +47,6 @@ class GarmentEncodeHooks:
         self.loras = loras
         self.self_attention = self_attention
         self.captured: dict[LayerKey, torch.Tensor] = {}
-        self.grids: dict[LayerKey, tuple[int, int]] = {}
         self._last_n: Optional[torch.Tensor] = None
         groups: dict[str, list[int]] = {}
         for i, s in enumerate(self.row_slots):
@@ -58,9 +57,6 @@ class GarmentEncodeHooks:
         key = extra_key(extra)
         if self.tap == TAP_INPUT:
             self.captured[key] = n
-        shape = extra.get("activations_shape")
-        if shape is not None:
-            self.grids[key] = (int(shape[-2]), int(shape[-1]))
         self._last_n = n
         if self.on_layer is not None:
             self.on_layer()

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .formats import TRAINING_FREE_STRENGTH
-from .layers import LayerKey, sort_keys
+from .layers import LayerKey
 
 
 @dataclass
@@ -24,7 +24,6 @@ class GarmentFeatures:
     slots: list[str]
     layers: dict[LayerKey, torch.Tensor]
     segments: dict[LayerKey, list[tuple[int, int]]]
-    grids: dict[LayerKey, tuple[int, int]] = field(default_factory=dict)
     dressing_weights: dict[LayerKey, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = field(default_factory=dict)
     source: str = ""
     injection: str = "dressing"  # "dressing" (eq. 6), "concat" (MagicClothing), "separate" (DreamFit)
@@ -39,16 +38,12 @@ class GarmentFeatures:
     def channels(self) -> dict[LayerKey, int]:
         return {k: int(v.shape[-1]) for k, v in self.layers.items()}
 
-    def keys(self) -> list[LayerKey]:
-        return sort_keys(self.layers.keys())
-
     def nbytes_per_garment(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.layers.values())
         return total // max(1, self.count)
 
     @staticmethod
-    def from_batched(slots: list[str], captured: dict[LayerKey, torch.Tensor],
-                     grids: Optional[dict[LayerKey, tuple[int, int]]] = None, **kwargs) -> "GarmentFeatures":
+    def from_batched(slots: list[str], captured: dict[LayerKey, torch.Tensor], **kwargs) -> "GarmentFeatures":
         """Build from per-layer captures [N, S, C] of one batched GarmentsNet pass (garment k = row k)."""
         layers, segments = {}, {}
         for key, t in captured.items():
@@ -57,7 +52,7 @@ class GarmentFeatures:
                 raise ValueError(f"layer {key} captured {n} rows for {len(slots)} garments")
             layers[key] = t.reshape(1, n * s, c)
             segments[key] = [(i * s, (i + 1) * s) for i in range(n)]
-        return GarmentFeatures(slots=list(slots), layers=layers, segments=segments, grids=dict(grids or {}), **kwargs)
+        return GarmentFeatures(slots=list(slots), layers=layers, segments=segments, **kwargs)
 
     def __deepcopy__(self, memo):
         return self  # immutable after creation; never duplicated by ModelPatcher.clone()

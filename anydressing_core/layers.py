@@ -32,7 +32,26 @@ def is_layer_path(path: str) -> bool:
 
 
 def format_key(key: LayerKey) -> str:
+    """How messages name a layer: input.1.0."""
     return f"{key[0]}.{key[1]}.{key[2]}"
+
+
+def param_name(key: LayerKey) -> str:
+    """The layer as a torch parameter name (no dots, which ParameterDict refuses): input_1_0."""
+    return f"{key[0]}_{key[1]}_{key[2]}"
+
+
+def self_attention_blocks(model) -> dict:
+    """Every transformer block with self-attention, found by walking the model (no hard-coded list): layer key ->
+    block (a module with attn1 and norm1), keyed the way ComfyUI's attn1 patches are looked up, in run order."""
+    found = {}
+    for name, module in model.named_modules():
+        if not (hasattr(module, "attn1") and hasattr(module, "norm1")) or not is_layer_path(name):
+            continue
+        if getattr(module, "disable_self_attn", False):  # its attn1 attends to the context, not to itself
+            continue
+        found[key_from_path(name)] = module
+    return {k: found[k] for k in sort_keys(found)}
 
 
 def sort_keys(keys) -> list[LayerKey]:

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from anydressing_core.attention import sdpa_attention
-from anydressing_core.branch import PROBE_KEY, AttentionProbe, DressingAttentionReplace, DressingBranch, DressingLayer
+from anydressing_core.branch import DressingAttentionReplace, DressingBranch, DressingLayer
+from anydressing_core.run_state import PROBE_KEY, AttentionProbe
 from anydressing_core.encoder import (TAP_OUTPUT, GarmentEncodeHooks, check_tap,
                                       zero_cross_attention_output, zero_cross_attention_replace)
-from anydressing_core.layers import LayerKey, is_layer_path, key_from_path, path_from_key, sort_keys
+from anydressing_core.layers import LayerKey, param_name, path_from_key, self_attention_blocks
 from anydressing_core.lora import LoRA
 from anydressing_core.masks import resize_to_grid
 from anydressing_core.native_format import write_native
@@ -77,20 +78,6 @@ def localization_loss(probe: AttentionProbe, masks: torch.Tensor, latent_hw: tup
     return torch.stack(terms).mean() if terms else None
 
 
-def format_key(key: LayerKey) -> str:
-    """A parameter-safe layer name: input_1_0."""
-    return f"{key[0]}_{key[1]}_{key[2]}"
-
-
-def self_attention_blocks(unet: nn.Module) -> dict[LayerKey, nn.Module]:
-    """Transformer blocks with self-attention, keyed like ComfyUI's attn1 patches (found by walking the model)."""
-    found = {}
-    for name, module in unet.named_modules():
-        if hasattr(module, "attn1") and hasattr(module, "norm1") and is_layer_path(name):
-            found[key_from_path(name)] = module
-    return {k: found[k] for k in sort_keys(found)}
-
-
 def ddpm_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
     """SD1.5's scaled-linear schedule."""
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
@@ -138,7 +125,7 @@ class DressingTrainer(nn.Module):
         g = torch.Generator().manual_seed(0)
         for key, block in self.blocks.items():
             c = block.attn1.to_k.in_features
-            name = format_key(key)
+            name = param_name(key)
             self.w_k[name] = nn.Parameter(block.attn1.to_k.weight.detach().clone().float())
             self.w_v[name] = nn.Parameter(block.attn1.to_v.weight.detach().clone().float())
             if key not in self.lora_layers:
@@ -184,7 +171,7 @@ class DressingTrainer(nn.Module):
         out: dict = {}
         scale = self.alpha / self.rank
         for key in self.lora_layers:
-            name = format_key(key)
+            name = param_name(key)
             for slot in self.slots:
                 out.setdefault(slot, {})[key] = {
                     proj: LoRA(self.lora[f"{slot}__{name}__{proj}__down"], self.lora[f"{slot}__{name}__{proj}__up"],
@@ -216,7 +203,7 @@ class DressingTrainer(nn.Module):
         layers = {}
         for key, f in features.items():
             nk, s, c = f.shape
-            name = format_key(key)
+            name = param_name(key)
             layers[key] = DressingLayer(features=f.reshape(1, nk * s, c), segments=[(i * s, (i + 1) * s)
                                                                                     for i in range(nk)],
                                         key_proj=self.w_k[name], value_proj=self.w_v[name])
@@ -263,13 +250,13 @@ class DressingTrainer(nn.Module):
         scale_alpha = self.alpha
         for slot in self.slots:
             for key in self.lora_layers:
-                name = format_key(key)
+                name = param_name(key)
                 loras.setdefault(slot, {})[path_from_key(key)] = {
                     proj: (self.lora[f"{slot}__{name}__{proj}__down"].detach().cpu().float(),
                            self.lora[f"{slot}__{name}__{proj}__up"].detach().cpu().float(), scale_alpha)
                     for proj in "qkv"}
-        dressing = {path_from_key(k): (self.w_k[format_key(k)].detach().cpu().float(),
-                                       self.w_v[format_key(k)].detach().cpu().float()) for k in self.blocks}
+        dressing = {path_from_key(k): (self.w_k[param_name(k)].detach().cpu().float(),
+                                       self.w_v[param_name(k)].detach().cpu().float()) for k in self.blocks}
         meta = {"lora_rank": str(self.rank), "lora_alpha": str(self.alpha),
                 "garments_net": "fine-tuned" if self.garments_net is not None else "base",
                 "feature_tap": self.feature_tap, "strength": repr(float(self.strength)),

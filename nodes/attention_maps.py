@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import comfy.sample
 import comfy.samplers
 
-from ..anydressing_core.branch import PROBE_KEY, AttentionProbe, DressingAttentionReplace
+from ..anydressing_core.branch import DressingAttentionReplace
+from ..anydressing_core.run_state import PROBE_KEY, AttentionProbe
 from . import glue
 
 NODE = "Garment Attention Maps"

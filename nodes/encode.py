@@ -14,9 +14,6 @@ from .garments_net import GarmentsNet
 
 NODE = "Encode Garments"
 
-# How many times GarmentsNet has run in this process (reported in the log; lets tests see cache hits).
-ENCODE_RUNS = {"count": 0}
-
 
 def check_loras(gnet: GarmentsNet, channels: dict) -> None:
     for slot, layers in gnet.loras.items():
@@ -107,7 +104,6 @@ def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str], clip=
         if adm:  # class-conditioned UNets (SDXL in training-free mode) need a vector: a neutral zero one
             extra["y"] = torch.zeros((n, int(adm)), device=device, dtype=dtype)
         dm(x, timesteps=timesteps, context=context, transformer_options=transformer_options, **extra)
-    ENCODE_RUNS["count"] += 1
 
     missing = [format_key(k) for k in blocks if k not in hooks.captured]
     if missing:
@@ -115,7 +111,7 @@ def encode(gnet: GarmentsNet, latents: torch.Tensor, row_slots: list[str], clip=
     store = glue.intermediate_device()
     captured = {k: hooks.captured[k].to(store) for k in blocks}
     dressing = {k: (d.get("k"), d.get("v")) for k, d in gnet.dressing.items()}
-    feats = GarmentFeatures.from_batched(row_slots, captured, hooks.grids, dressing_weights=dressing,
+    feats = GarmentFeatures.from_batched(row_slots, captured, dressing_weights=dressing,
                                          source=gnet.source, injection=gnet.injection,
                                          uncond_default=gnet.uncond_default,
                                          weighted_layers_only=gnet.weighted_layers_only,

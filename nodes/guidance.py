@@ -7,7 +7,7 @@ from typing import Any
 import comfy.model_patcher
 import comfy.samplers
 
-from ..anydressing_core.branch import GARMENT_ROWS_KEY
+from ..anydressing_core.run_state import GARMENT_ROWS_KEY
 from ..anydressing_core.guidance import joint_guidance
 from . import glue
 from .attention_maps import has_dressing
@@ -21,9 +21,6 @@ class _Stash:
     def __init__(self):
         self.x = None
         self.g = None
-
-    def __deepcopy__(self, memo):
-        return _Stash()
 
 
 def apply(model: Any, garment_scale: float) -> Any:

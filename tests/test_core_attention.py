@@ -9,7 +9,8 @@ import torch
 
 import anydressing_core.attention as attention_mod
 from anydressing_core.attention import attention_with_lse, garment_attention, sdpa_attention, visible_queries
-from anydressing_core.branch import DressingAttentionReplace, DressingBranch, DressingLayer, RunCache
+from anydressing_core.branch import DressingAttentionReplace, DressingBranch, DressingLayer
+from anydressing_core.run_state import RunCache
 
 HEADS = 2
 

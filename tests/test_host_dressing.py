@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import graphs
+from compare import rel
 
 pytestmark = pytest.mark.host
 
@@ -15,9 +16,6 @@ def run(host, store, key="out", **kw) -> torch.Tensor:
     assert r["success"], r["errors"]
     return store[key]
 
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def test_dressing_changes_output_and_strength_zero_is_exactly_unpatched(host, store):
@@ -56,13 +54,10 @@ def test_input_model_is_not_mutated(host, store):
 
 
 def test_seed_only_rerun_does_not_encode_again(host, store):
-    counter = host.pack_module("nodes.encode").ENCODE_RUNS
     run(host, store, "s0", seed=0)
-    before = counter["count"]
     r = host.run(graphs.dressing_prompt(capture_key="s1", seed=1))
     assert r["success"]
-    assert "encode" in r["cached"] and "encode" not in r["executed"]
-    assert counter["count"] == before
+    assert "encode" in r["cached"] and "encode" not in r["executed"]  # ComfyUI's own cache events
     assert not torch.equal(store["s1"], store["s0"])
 
 
@@ -164,26 +159,26 @@ def test_controlnet_keeps_working_with_dressing(host, store):
 
 
 def test_garment_projections_once_per_sampling_run_and_freed_after(host, store, monkeypatch):
+    import gc
+    import weakref
+
     branch_mod = host.pack_module("anydressing_core.branch")
-    calls, cleared = [], []
+    calls, projected = [], []
     original_project = branch_mod.DressingLayer.project
-    original_clear = branch_mod.RunCache.clear
 
     def counting_project(self, device, dtype):
         calls.append(1)
-        return original_project(self, device, dtype)
-
-    def recording_clear(self):
-        cleared.append(len(self))
-        original_clear(self)
+        out = original_project(self, device, dtype)
+        projected.extend(weakref.ref(t) for t in out)
+        return out
 
     monkeypatch.setattr(branch_mod.DressingLayer, "project", counting_project)
-    monkeypatch.setattr(branch_mod.RunCache, "clear", recording_clear)
     run(host, store, "three_steps", steps=3)
     assert len(calls) == 16  # one K'/V' projection per layer for 3 steps x (cond, uncond)
-    assert cleared == [17]  # the run's cache held them (and the latent's shape) and was emptied when sampling ended
+    gc.collect()
+    assert len(projected) == 32 and all(r() is None for r in projected)  # freed when sampling ended
     run(host, store, "again", steps=3, seed=1)
-    assert len(calls) == 32 and cleared == [17, 17]  # a new run projects again (weights may have changed)
+    assert len(calls) == 32  # a new run projects again (weights may have changed)
 
 
 def test_training_free_on_an_sdxl_architecture_model(host):

@@ -9,15 +9,13 @@ import torch
 from safetensors.torch import save_file
 
 import graphs
+from compare import rel
 from anydressing_core.formats import DIFFUSERS_ATTN1_ORDER
 from anydressing_core.layers import path_from_key
 from anydressing_core.native_format import write_native
 
 pytestmark = pytest.mark.host
 
-
-def rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def diffusers_sd(seed=0):
@@ -282,8 +280,8 @@ def test_each_family_loads_weights_into_the_right_modules_and_converts(host, sto
     assert (gnet2.injection, gnet2.text_context, gnet2.uncond_default) == (
         gnet.injection, gnet.text_context, gnet.uncond_default)
     feats2 = enc.encode(gnet2, latents, ["upper", "lower"], clip, vision, pixels)
-    assert feats2.keys() == feats.keys()
-    for key in feats.keys():
+    assert list(feats2.layers) == list(feats.layers)
+    for key in feats.layers:
         assert torch.equal(feats2.layers[key], feats.layers[key]), key
     # and the patched MODEL runs a sampling step with this family's features
     m = host.pack_module("nodes.apply").apply(base, feats, 0.7, "", 0.0, 1.0, "auto", None)
