@@ -1,24 +1,24 @@
-"""Dressing-Attention as a self-attention replacement: O = SelfAttn(Q,K,V) + sum over branches of lambda * G.
+"""Dressing-Attention's garment term, one branch per Apply Dressing-Attention node: O = SelfAttn(Q,K,V) + sum over
+branches of lambda * G (paper eq. 6 with the masked semantics of decisions.md).
 
-A *branch* is one Apply Dressing-Attention node's contribution (its garments, lambda, weights, masks, schedule and
-uncond setting). Chained Apply nodes add branches to the same replacement; a replacement another pack installed on
-the layer before us is kept and called for the self-attention part.
+A *branch* holds one Apply node's garments, lambda, weights, masks, schedule and uncond setting. How the term
+reaches the MODEL's layers (patch lists every pack appends to) is anydressing_core.hooks.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from .attention import AttentionFn, garment_attention, garment_attention_mass, sdpa_attention, visible_queries
 from .layers import LayerKey, format_key
 from .masks import resize_to_grid
-from .run_state import GARMENT_ROWS_KEY, PROBE_KEY, RUN_CACHE_KEY, WEIGHTS_GENERATION_KEY, RunCache, WeightsGeneration
+from .run_state import (GARMENT_ROWS_KEY, GARMENT_UUIDS_KEY, PROBE_KEY, RUN_CACHE_KEY, WEIGHTS_GENERATION_KEY,
+                        RunCache, WeightsGeneration)
 
 Projection = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 SelfAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -115,13 +115,28 @@ class DressingBranch:
         return self.sigma_end <= sigma <= self.sigma_start
 
     def rows(self, extra: dict, batch: int) -> list[tuple[int, int]]:
-        """Row ranges that see the garments, from cond_or_uncond (0 = cond, 1 = uncond), never batch positions."""
+        """Row ranges that see the garments, chosen by the conditioning each chunk of rows comes from.
+
+        ComfyUI passes, per chunk, cond_or_uncond (the chunk's place in the list its caller passed) and uuids (the
+        identity of its conditioning). The sampling wrapper publishes the identities of the run's positive
+        conditioning (GARMENT_UUIDS_KEY), so another node's extra pass with the negative alone (Self-Attention
+        Guidance) is not dressed and one with the positive (Perturbed-Attention Guidance) is. Without identities
+        (the model called outside a sampling run) cond_or_uncond 0 means the positive.
+        """
         cou = extra.get("cond_or_uncond")
         if not cou:
             return [(0, batch)]
-        garment_rows = extra.get(GARMENT_ROWS_KEY, (0,))
         per = batch // len(cou)
-        return [(i * per, (i + 1) * per) for i, c in enumerate(cou) if c in garment_rows or self.include_uncond]
+        uuids = extra.get("uuids")
+        dressed_ids = extra.get(GARMENT_UUIDS_KEY)
+        by_identity = dressed_ids is not None and uuids is not None and len(uuids) == len(cou)
+        fallback = extra.get(GARMENT_ROWS_KEY, (0,))
+        out = []
+        for i, c in enumerate(cou):
+            seen = uuids[i] in dressed_ids if by_identity else c in fallback
+            if seen or self.include_uncond:
+                out.append((i * per, (i + 1) * per))
+        return out
 
     def projected(self, key: LayerKey, layer: DressingLayer, device, dtype, cache: Optional[RunCache],
                   generation: Optional[WeightsGeneration] = None):
@@ -188,24 +203,26 @@ class DressingBranch:
             cache[ck] = m
         return m
 
-    def extra_tokens(self, key: LayerKey, q: torch.Tensor, extra: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """Concat mode (MagicClothing): K/V tokens to join to the layer's own, [B, L, C] each; None when inactive.
+    def context_tokens(self, key: LayerKey, n: torch.Tensor, extra: dict
+                       ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Concat mode (MagicClothing): garment tokens to join to the layer's context and value before the layer's own
+        to_k/to_v, [B, L, C] each; None when inactive.
 
-        Rows that see the garments get F W_k / F W_v (values scaled by strength); the other rows get zero tokens,
-        as MagicClothing gives its unconditional rows.
+        Rows that see the garments get F (values scaled by the strength: to_v has no bias, so to_v(sF) = s F W_v);
+        the other rows get zero tokens, as MagicClothing gives its unconditional rows (to_k(0) = to_v(0) = 0).
         """
         layer = self.layers.get(key)
         if self.mode != "concat" or layer is None or not self.active_at(extra):
             return None
-        ranges = self.rows(extra, q.shape[0])
+        ranges = self.rows(extra, n.shape[0])
         if not ranges:
             return None
-        kp, vp = self.projected(key, layer, q.device, q.dtype, extra.get(RUN_CACHE_KEY), extra.get(WEIGHTS_GENERATION_KEY))
-        k_add = q.new_zeros((q.shape[0], kp.shape[1], kp.shape[2]))
-        v_add = q.new_zeros((q.shape[0], vp.shape[1], vp.shape[2]))
+        f = layer.features.to(device=n.device, dtype=n.dtype)
+        k_add = n.new_zeros((n.shape[0], f.shape[1], f.shape[2]))
+        v_add = n.new_zeros((n.shape[0], f.shape[1], f.shape[2]))
         for start, end in _merge(ranges):
-            k_add[start:end] = kp
-            v_add[start:end] = vp * self.strength
+            k_add[start:end] = f
+            v_add[start:end] = f * self.strength
         return k_add, v_add
 
     @staticmethod
@@ -213,15 +230,17 @@ class DressingBranch:
         """Whether any query of this grid sees a garment (a host sync: only used without a run cache)."""
         return bool((masks > 0).any())
 
-    def visible(self, masks: torch.Tensor, cache: Optional[RunCache]) -> Optional[list[torch.Tensor]]:
+    def visible(self, masks: torch.Tensor, grid: tuple[int, int], cache: Optional[RunCache]
+                ) -> Optional[list[torch.Tensor]]:
         """Per garment, the queries of this grid that see it, once per grid and run (its one host sync).
 
         Lets each garment be attended only where its mask is, so disjoint masks cost about one garment's attention.
         Without a run cache (no sampling wrapper) it would sync at every call, so the dense masked path is used.
+        Keyed by the grid itself: two grids with the same token count (8x2 and 4x4) have different queries.
         """
         if cache is None:
             return None
-        ck = ("visible", id(self), tuple(masks.shape), str(masks.device))
+        ck = ("visible", id(self), tuple(grid), str(masks.device))
         if ck not in cache:
             cache[ck] = visible_queries(masks)
         return cache[ck]
@@ -238,7 +257,7 @@ class DressingBranch:
         if self.masks is not None:
             self.check_full_grid(key, q, extra, cache)
         masks = self.layer_masks(extra, q.shape[1], q.device, cache)
-        visible = None if masks is None else self.visible(masks, cache)
+        visible = None if masks is None else self.visible(masks, layer_grid(extra, q.shape[1]), cache)
         if masks is not None:  # no query sees any garment: exactly the unpatched layer
             seen = any(v.numel() for v in visible) if visible is not None else self.any_visible(masks)
             if not seen:
@@ -266,102 +285,3 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((s, e))
     return out
-
-
-class DressingAttentionReplace:
-    """An attn1 replacement for one layer: self-attention (or the replacement it wraps) plus each branch's output."""
-
-    def __init__(self, key: LayerKey, self_attention: SelfAttentionFn, previous: Any = None,
-                 branches: Optional[list[DressingBranch]] = None):
-        self.key = key
-        self.self_attention = self_attention
-        self.previous = previous
-        self.branches: list[DressingBranch] = list(branches or [])
-
-    def with_branch(self, branch: DressingBranch) -> "DressingAttentionReplace":
-        """A new replacement with one more branch (copy-on-write: the upstream MODEL's object is untouched)."""
-        return DressingAttentionReplace(self.key, self.self_attention, self.previous, self.branches + [branch])
-
-    def __deepcopy__(self, memo):
-        return DressingAttentionReplace(self.key, self.self_attention, copy.deepcopy(self.previous, memo),
-                                        list(self.branches))
-
-    def to(self, *args, **kwargs):
-        """ComfyUI moves patches between devices; garment tensors move lazily, per run, to where q is."""
-        if self.previous is not None and hasattr(self.previous, "to"):
-            moved = self.previous.to(*args, **kwargs)
-            if moved is not None:
-                self.previous = moved
-        return self
-
-    def models(self) -> list:
-        """Models the wrapped replacement needs loaded (ComfyUI's model management asks every patch for them)."""
-        if self.previous is not None and hasattr(self.previous, "models"):
-            return list(self.previous.models())
-        return []
-
-    def cleanup(self, *args, **kwargs):
-        """ComfyUI asks patches to clean up after a run: the wrapped replacement gets the call (ours keeps no state)."""
-        if self.previous is not None and hasattr(self.previous, "cleanup"):
-            return self.previous.cleanup(*args, **kwargs)
-        return None
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
-        joined = [b.extra_tokens(self.key, q, extra) for b in self.branches if b.mode == "concat"]
-        joined = [j for j in joined if j is not None]
-        if joined:  # concat mode: one softmax over the latent tokens and the garment tokens
-            k = torch.cat([k] + [j[0].to(k.dtype) for j in joined], dim=1)
-            v = torch.cat([v] + [j[1].to(v.dtype) for j in joined], dim=1)
-        if self.previous is not None:
-            out = self.previous(q, k, v, extra)
-        else:
-            out = self.self_attention(q, k, v, extra)
-        pieces = []
-        for branch in self.branches:
-            p = branch.output(self.key, q, extra)
-            if p:
-                pieces.extend(p)
-        if not pieces:
-            return out
-        out = out.clone()
-        for start, end, g in pieces:
-            out[start:end] += g.to(out.dtype)
-        return out
-
-
-class DressedLayers:
-    """layer key -> the DressingAttentionReplace this MODEL's Apply nodes installed there (copy-on-write).
-
-    Kept in transformer_options so that, at every model call, an attn1 replacement that a later node put over ours
-    (Self-Attention Guidance on the MODEL, Perturbed-Attention Guidance inside its extra pass) can be wrapped:
-    it computes the self-attention part and the garment branches are added to its output, exactly as when it
-    was installed before Apply Dressing-Attention. Not a dict, so ComfyUI's option copies keep it.
-    """
-
-    def __init__(self, layers: Optional[dict] = None):
-        self.layers: dict[LayerKey, DressingAttentionReplace] = dict(layers or {})
-
-    def with_layers(self, layers: dict) -> "DressedLayers":
-        return DressedLayers({**self.layers, **layers})
-
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-def restore_dressing(replaces: dict, dressed: DressedLayers) -> dict:
-    """The attn1 entries to put over `replaces` so every dressed layer still adds its garment branches.
-
-    A layer whose current replacement is not (a descendant of) ours gets a DressingAttentionReplace wrapping it.
-    """
-    fix = {}
-    for key, ours in dressed.layers.items():
-        current = replaces.get(key, replaces.get((key[0], key[1])))
-        if current is ours:
-            continue
-        if isinstance(current, DressingAttentionReplace) and all(b in current.branches for b in ours.branches):
-            continue
-        fix[key] = DressingAttentionReplace(key, ours.self_attention, previous=current, branches=ours.branches)
-    return fix

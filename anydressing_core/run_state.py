@@ -19,8 +19,11 @@ if TYPE_CHECKING:
 
 # transformer_options key under which the sampling wrapper publishes the per-run cache
 RUN_CACHE_KEY = "anydressing_run_cache"
-# transformer_options key listing the cond_or_uncond values whose rows see the garments (default: 0, the cond rows).
-# Garment guidance adds a third row set (negative text with garments) as value 2.
+# transformer_options key of the identities (uuids) of the conditioning whose rows see the garments: the run's
+# positive conditioning, published by the sampling wrapper; Garment Guidance adds its garment row's. A frozenset.
+GARMENT_UUIDS_KEY = "anydressing_garment_uuids"
+# without identities (the model called outside a sampling run): the cond_or_uncond values whose rows see the
+# garments (default 0, the positive)
 GARMENT_ROWS_KEY = "anydressing_garment_rows"
 # transformer_options key of a WeightsGeneration: bumped whenever the host re-patches the MODEL's weights mid-run
 WEIGHTS_GENERATION_KEY = "anydressing_weights_generation"

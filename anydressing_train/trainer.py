@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from anydressing_core.attention import sdpa_attention
-from anydressing_core.branch import DressingAttentionReplace, DressingBranch, DressingLayer
+from anydressing_core.branch import DressingBranch, DressingLayer
 from anydressing_core.run_state import PROBE_KEY, AttentionProbe
 from anydressing_core.encoder import (TAP_OUTPUT, GarmentEncodeHooks, check_tap,
                                       zero_cross_attention_output, zero_cross_attention_replace)
+from anydressing_core.hooks import install as install_garment_term
 from anydressing_core.layers import LayerKey, param_name, path_from_key, self_attention_blocks
 from anydressing_core.lora import LoRA
 from anydressing_core.masks import resize_to_grid
@@ -208,8 +209,8 @@ class DressingTrainer(nn.Module):
                                                                                     for i in range(nk)],
                                         key_proj=self.w_k[name], value_proj=self.w_v[name])
         branch = DressingBranch(layers, strength=self.strength, masks=masks, attention=sdpa_attention)
-        replaces = {k: DressingAttentionReplace(k, self.self_attention, branches=[branch]) for k in layers}
-        to = {"patches_replace": {"attn1": replaces}}
+        to: dict = {}
+        install_garment_term(to, branch, {k: self.blocks[k] for k in layers})  # the pack's own hooks, as at inference
         if probe is not None:
             to[PROBE_KEY] = probe
         dtype = _dtype_of(self.unet)

@@ -98,5 +98,5 @@ def apply(model: Any, features: GarmentFeatures, strength: float, weights_text: 
                                 include_uncond=include_uncond, attention=glue.garment_attention_fn, mode=mode)
     except ValueError as e:
         raise glue.NodeError(NODE, f"{features.source}: {e}; disconnect garment_masks and clear garment_weights") from None
-    glue.install_branch(m, branch, list(layers))
+    glue.install_branch(m, branch, {k: blocks[k] for k in layers})
     return m

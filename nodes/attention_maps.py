@@ -10,7 +10,6 @@ import torch.nn.functional as F
 import comfy.sample
 import comfy.samplers
 
-from ..anydressing_core.branch import DressingAttentionReplace
 from ..anydressing_core.run_state import PROBE_KEY, AttentionProbe
 from . import glue
 
@@ -20,8 +19,7 @@ PALETTE = ((0.94, 0.33, 0.31), (0.26, 0.65, 0.96), (0.40, 0.73, 0.42), (1.0, 0.7
 
 
 def has_dressing(model: Any) -> bool:
-    to = model.model_options.get("transformer_options", {})
-    return any(isinstance(v, DressingAttentionReplace) for v in to.get("patches_replace", {}).get("attn1", {}).values())
+    return glue.garment_term(model) is not None
 
 
 def aggregate(probe: AttentionProbe, batch_index: int, height: int, width: int) -> torch.Tensor:
@@ -61,17 +59,15 @@ def attention_maps(model: Any, positive: Any, latent: dict, at_percent: float, s
     if not has_dressing(model):
         raise glue.NodeError(NODE, "the MODEL has no Dressing-Attention: connect the MODEL output of Apply "
                                    "Dressing-Attention")
-    to = model.model_options.get("transformer_options", {})
-    replaces = [r for r in to.get("patches_replace", {}).get("attn1", {}).values()
-                if isinstance(r, DressingAttentionReplace)]
-    modes = {b.mode for r in replaces for b in r.branches}
+    branches = glue.garment_term(model).branches
+    modes = {b.mode for b in branches}
     if modes == {"concat"}:
         raise glue.NodeError(NODE, "maps need garment attention of its own (Dressing-Attention); MagicClothing's "
                                    "concat files mix garment tokens into self-attention, which this node does not "
                                    "map")
     samples = latent["samples"]
     m = model.clone()
-    probe = AttentionProbe(on_record=glue.progress_bar(sum(len(r.branches) for r in replaces)))
+    probe = AttentionProbe(on_record=glue.progress_bar(sum(len(b.layers) for b in branches if b.mode != "concat")))
     m.model_options.setdefault("transformer_options", {})[PROBE_KEY] = probe
     model_sampling = m.get_model_object("model_sampling")
     sigma = min(glue.percent_to_sigma(m, at_percent), float(model_sampling.sigma_max))

@@ -13,14 +13,13 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.utils
 
-from ..anydressing_core.branch import DressedLayers, DressingAttentionReplace, DressingBranch, restore_dressing
-from ..anydressing_core.run_state import RUN_CACHE_KEY, WEIGHTS_GENERATION_KEY, RunCache, WeightsGeneration
+from ..anydressing_core import hooks
+from ..anydressing_core.branch import DressingBranch
+from ..anydressing_core.run_state import GARMENT_UUIDS_KEY, RUN_CACHE_KEY, WEIGHTS_GENERATION_KEY, RunCache, WeightsGeneration
 from ..anydressing_core.layers import LayerKey, format_key, self_attention_blocks
 
 LOG = logging.getLogger("AnyDressing")
 WRAPPER_KEY = "anydressing"
-# transformer_options key of the DressedLayers registry (which layers our Apply nodes dressed)
-DRESSED_KEY = "anydressing_dressed_layers"
 
 
 class NodeError(Exception):
@@ -46,7 +45,8 @@ def _node_error(node: str, message: str) -> NodeError:
 
 
 def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
-    """ComfyUI's own attention for the layer (whatever backend it picked, with overrides from transformer_options)."""
+    """ComfyUI's own attention for a layer (whatever backend it picked, with overrides from transformer_options):
+    GarmentsNet's GFE LoRA replacement uses it."""
     return comfy_attention.optimized_attention(q, k, v, extra.get("n_heads"), attn_precision=extra.get("attn_precision"),
                                                transformer_options=extra)
 
@@ -81,10 +81,19 @@ def compute_dtype(model) -> torch.dtype:
     return model.manual_cast_dtype if getattr(model, "manual_cast_dtype", None) is not None else model.get_dtype()
 
 
+def positive_uuids(guider) -> frozenset:
+    """The identities of the run's positive conditioning (ComfyUI gives every cond entry a uuid when sampling starts;
+    the rows of each model call carry them in transformer_options['uuids'])."""
+    conds = getattr(guider, "conds", None) or {}
+    return frozenset(c["uuid"] for c in conds.get("positive", []) or [] if isinstance(c, dict) and "uuid" in c)
+
+
 def run_cache_wrapper(executor, *args, **kwargs):
-    """OUTER_SAMPLE wrapper: one RunCache per sampling run (garment K'/V' and resized masks), dropped at its end.
+    """OUTER_SAMPLE wrapper: one RunCache per sampling run (garment K'/V' and resized masks), dropped at its end, and
+    the identities of the run's positive conditioning, whose rows see the garments.
 
     The guider's model_options are swapped for a copy for the duration of the run, so the MODEL keeps no state.
+    Every argument is passed on unchanged.
     """
     guider = executor.class_obj
     original = guider.model_options
@@ -93,7 +102,11 @@ def run_cache_wrapper(executor, *args, **kwargs):
     latent = args[1] if len(args) > 1 else kwargs.get("latent_image")
     if isinstance(latent, torch.Tensor):
         cache["latent_shape"] = tuple(latent.shape)  # the whole latent: area conditioning runs the model on crops
-    guider.model_options.setdefault("transformer_options", {})[RUN_CACHE_KEY] = cache
+    to = guider.model_options.setdefault("transformer_options", {})
+    to[RUN_CACHE_KEY] = cache
+    uuids = positive_uuids(guider)
+    if uuids:
+        to[GARMENT_UUIDS_KEY] = uuids
     try:
         return executor(*args, **kwargs)
     finally:
@@ -101,49 +114,11 @@ def run_cache_wrapper(executor, *args, **kwargs):
         guider.model_options = original
 
 
-TRANSFORMER_OPTIONS_ARG = 5  # UNetModel.forward(x, timesteps, context, y, control, transformer_options, ...)
-
-
-def keep_dressing_wrapper(executor, *args, **kwargs):
-    """DIFFUSION_MODEL wrapper: put the garment branches back under attn1 replacements installed after ours.
-
-    Self-Attention Guidance (on the MODEL) and Perturbed-Attention Guidance (in its extra pass) replace the middle
-    block's attn1 after Apply Dressing-Attention ran; without this the garments would silently vanish there.
-    The per-call transformer_options is ComfyUI's shallow copy: the nested dicts are copied, never edited. Every
-    argument, known or not, is passed on unchanged.
-    """
-    positional = len(args) > TRANSFORMER_OPTIONS_ARG
-    options = args[TRANSFORMER_OPTIONS_ARG] if positional else kwargs.get("transformer_options")
-    dressed = options.get(DRESSED_KEY) if isinstance(options, dict) else None
-    if isinstance(dressed, DressedLayers):
-        replaces = options.get("patches_replace", {})
-        fix = restore_dressing(replaces.get("attn1", {}), dressed)
-        if fix:
-            options["patches_replace"] = {**replaces, "attn1": {**replaces.get("attn1", {}), **fix}}
-    return executor(*args, **kwargs)
-
-
-def install_branch(model_patcher, branch: DressingBranch, keys: list[LayerKey]) -> None:
-    """Add `branch` to the attn1 replacement of every layer in `keys` on an already cloned ModelPatcher.
-
-    Our own replacement on a layer gets one more branch (copy-on-write); another pack's replacement is kept and called.
-    """
+def install_branch(model_patcher, branch: DressingBranch, blocks: dict[LayerKey, torch.nn.Module]) -> None:
+    """Add `branch` to the garment term of an already cloned ModelPatcher (see anydressing_core.hooks: an attn1_patch
+    and a middle_patch, lists every pack appends to; no attn1 replacement, no restore step)."""
     to = model_patcher.model_options.setdefault("transformer_options", {})
-    existing = to.get("patches_replace", {}).get("attn1", {})
-    installed = {}
-    for key in keys:
-        current = existing.get(key)
-        if current is None:
-            current = existing.get((key[0], key[1]))  # a 2-tuple entry applies to every block index
-        if isinstance(current, DressingAttentionReplace):
-            replace = current.with_branch(branch)
-        else:
-            replace = DressingAttentionReplace(key, self_attention, previous=current, branches=[branch])
-        model_patcher.set_model_attn1_replace(replace, key[0], key[1], key[2])
-        installed[key] = replace
-    to = model_patcher.model_options["transformer_options"]  # set_model_attn1_replace put in a new dict
-    dressed = to.get(DRESSED_KEY)
-    to[DRESSED_KEY] = dressed.with_layers(installed) if isinstance(dressed, DressedLayers) else DressedLayers(installed)
+    hooks.install(to, branch, blocks)
     if not isinstance(to.get(WEIGHTS_GENERATION_KEY), WeightsGeneration):
         # scheduled LoRA hooks re-patch to_k/to_v in place mid-run: K'/V' are projected again after each re-patch
         generation = WeightsGeneration()
@@ -151,10 +126,13 @@ def install_branch(model_patcher, branch: DressingBranch, keys: list[LayerKey]) 
         model_patcher.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, WRAPPER_KEY)
         model_patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_APPLY_HOOKS, WRAPPER_KEY,
                                             generation.bump)
-    for kind, fn in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, run_cache_wrapper),
-                     (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, keep_dressing_wrapper)):
-        model_patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
-        model_patcher.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
+    model_patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, run_cache_wrapper)
+
+
+def garment_term(model_patcher):
+    """The MODEL's garment term (None: no Apply Dressing-Attention on it)."""
+    return hooks.find_term(model_patcher.model_options.get("transformer_options", {}))
 
 
 def intermediate_device() -> torch.device:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import comfy.model_patcher
 import comfy.samplers
 
-from ..anydressing_core.run_state import GARMENT_ROWS_KEY
 from ..anydressing_core.guidance import joint_guidance
+from ..anydressing_core.run_state import GARMENT_ROWS_KEY, GARMENT_UUIDS_KEY
 from . import glue
 from .attention_maps import has_dressing
 
@@ -27,6 +28,12 @@ def apply(model: Any, garment_scale: float) -> Any:
     if not has_dressing(model):
         raise glue.NodeError(NODE, "the MODEL has no Dressing-Attention: connect the MODEL output of Apply "
                                    "Dressing-Attention")
+    seeing = [b for b in glue.garment_term(model).branches if b.include_uncond]
+    if seeing:
+        raise glue.NodeError(NODE, "Apply Dressing-Attention lets the unconditional rows see the garments "
+                                   "(apply_to_uncond 'yes', or 'auto' with a file whose authors did so, e.g. DreamFit), "
+                                   "so the unconditional prediction u already has them and garment guidance "
+                                   "(u + s_g (g - u) + s_t (t - g)) would be plain CFG; set apply_to_uncond to 'no'")
     if "sampler_calc_cond_batch_function" in model.model_options or "sampler_cfg_function" in model.model_options:
         raise glue.NodeError(NODE, "another node already replaced this MODEL's CFG; put Garment Guidance before it "
                                    "or remove one of them")
@@ -45,9 +52,14 @@ def apply(model: Any, garment_scale: float) -> Any:
         if conds[1] is None:  # cfg 1: no unconditional rows, nothing to guide
             stash.x = None
             return comfy.samplers.calc_cond_batch(model_, conds, x, sigma, options)
+        # the garment row is the negative text under identities of its own, which see the garments
+        garment_conds = [dict(c, uuid=uuid.uuid4()) for c in conds[1]]
         options = comfy.model_patcher.create_model_options_clone(options)
-        options.setdefault("transformer_options", {})[GARMENT_ROWS_KEY] = (0, 2)
-        cond, uncond, garment = comfy.samplers.calc_cond_batch(model_, [conds[0], conds[1], conds[1]], x, sigma,
+        to = options.setdefault("transformer_options", {})
+        if GARMENT_UUIDS_KEY in to:
+            to[GARMENT_UUIDS_KEY] = frozenset(to[GARMENT_UUIDS_KEY]) | {c["uuid"] for c in garment_conds}
+        to[GARMENT_ROWS_KEY] = (0, 2)  # (for a run without identities: cond_or_uncond 0 and 2)
+        cond, uncond, garment = comfy.samplers.calc_cond_batch(model_, [conds[0], conds[1], garment_conds], x, sigma,
                                                                options)
         stash.x, stash.g = x, garment
         return [cond, uncond]

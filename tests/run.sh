@@ -87,11 +87,14 @@ run_pytest() {
   set -e
   # 5: no test collected (e.g. a -k that selects only host-free tests, on a further host)
   if [ "$rc" != 0 ] && { [ "$rc" != 5 ] || [ "$first" = 1 ]; }; then FAILED=1; fi
-  closing="$(grep -E '(passed|failed|skipped|error|no tests ran).* in [0-9.]+s' "$log" | tail -n 1 | sed -E 's/^=+ //; s/ =+$//')"
+  closing="$(grep -E '(passed|failed|skipped|error|no tests ran|collected).* in [0-9.]+s' "$log" | tail -n 1 |
+             sed -E 's/^=+ //; s/ =+$//' || true)"
   SUMMARY+=("ComfyUI $label: ${closing:-pytest exited $rc}")
   for i in 0 1 2; do
     case $i in 0) w=passed ;; 1) w='failed|errors?' ;; 2) w=skipped ;; esac
-    for n in $(echo "$closing" | grep -Eo "[0-9]+ ($w)" | grep -Eo '^[0-9]+'); do TOTALS[$i]=$((TOTALS[$i] + n)); done
+    for n in $(echo "$closing" | grep -Eo "[0-9]+ ($w)" | grep -Eo '^[0-9]+' || true); do
+      TOTALS[$i]=$((TOTALS[$i] + n))
+    done
   done
   [ "$rc" = 0 ] || [ "$rc" = 5 ] || [ -n "$closing" ] || TOTALS[1]=$((TOTALS[1] + 1))
   rm -f "$log"
@@ -117,12 +120,13 @@ if [ ${#HOSTS[@]} -eq 0 ]; then
   exit $FAILED
 fi
 
+OLDEST="$("$PY" tests/host.py --pinned | head -n 1)"
 i=0
 for entry in "${HOSTS[@]}"; do
   tag="${entry%% *}"
   path="${entry#* }"
-  venv="$BASE_VENV"
-  [ $i -gt 0 ] && venv="$BASE_VENV-$tag"
+  venv="$BASE_VENV"  # the user's own host and the oldest pinned one; each other pinned host has its own
+  [ "$tag" != own ] && [ "$tag" != "$OLDEST" ] && venv="$BASE_VENV-$tag"
   setup_venv "$venv" "$path"
   echo "ComfyUI host: $path"
   envs=("ANYDRESSING_HOST_LABEL=$tag")

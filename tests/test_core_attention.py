@@ -9,8 +9,10 @@ import torch
 
 import anydressing_core.attention as attention_mod
 from anydressing_core.attention import attention_with_lse, garment_attention, sdpa_attention, visible_queries
-from anydressing_core.branch import DressingAttentionReplace, DressingBranch, DressingLayer
-from anydressing_core.run_state import RunCache
+from anydressing_core import hooks
+from anydressing_core.branch import DressingBranch, DressingLayer
+from anydressing_core.run_state import GARMENT_UUIDS_KEY, RunCache
+from block_sim import Block, run_block
 
 HEADS = 2
 
@@ -206,65 +208,98 @@ def _branch(layers, **kw):
 
 
 def _setup(seed=8, b_per=2, lq=6, c=8):
-    q, k, v, segs = make(seed, b=2 * b_per, lq=lq, c=c)
+    """A block, its input x [2*b_per, lq, c] and garment tokens whose K'/V' are F and 0.5 F."""
+    x, k, v, segs = make(seed, b=2 * b_per, lq=lq, c=c)
     layer = DressingLayer(features=k, segments=segs, key_proj=torch.eye(c), value_proj=torch.eye(c) * 0.5)
-    return q, layer
+    return Block(c, seed), x, layer
 
 
-def _self_attn(q, k, v, extra):
-    return sdpa_attention(q, k, v, extra["n_heads"])
+def _term_of(block, x, layer, strength, rows, **kw):
+    """The garment term computed another way: W_out (lambda G(to_q(norm1(x)))) on the given rows, 0 elsewhere."""
+    q = block.attn1.to_q(block.norm1(x))
+    g = garment_attention(q, layer.features, layer.features * 0.5, HEADS, layer.segments, **kw)
+    term = torch.zeros_like(x)
+    term[rows] = torch.nn.functional.linear(strength * g[rows], block.attn1.to_out[0].weight)
+    return term
 
 
-def test_replace_adds_lambda_times_garments_on_cond_rows_only():
-    q, layer = _setup()
+def _dressed(block, x, key, branches, extra, replace=None):
+    to = dict(extra)
+    for b in branches:
+        hooks.install(to, b, {key: block})
+    return run_block(block, x, key, to, HEADS, replace)
+
+
+@torch.no_grad()
+def test_the_garment_term_adds_lambda_times_garments_on_cond_rows_only():
+    block, x, layer = _setup()
     key = ("input", 1, 0)
-    extra = {"n_heads": HEADS, "cond_or_uncond": [1, 0], "activations_shape": [4, 8, 2, 3]}
-    rep = DressingAttentionReplace(key, _self_attn, branches=[_branch({key: layer}, strength=0.7)])
-    out = rep(q, q, q, extra)
-    base = _self_attn(q, q, q, extra)
-    g = garment_attention(q, layer.features, layer.features * 0.5, HEADS, layer.segments)
+    extra = {"cond_or_uncond": [1, 0], "activations_shape": [4, 8, 2, 3]}
+    base = run_block(block, x, key, extra, HEADS)
+    out = _dressed(block, x, key, [_branch({key: layer}, strength=0.7)], extra)
     # rows 0-1 are uncond (cond_or_uncond[0] == 1): untouched; rows 2-3 are cond
     assert torch.equal(out[:2], base[:2])
-    torch.testing.assert_close(out[2:], base[2:] + 0.7 * g[2:], atol=1e-6, rtol=1e-6)
-    both = DressingAttentionReplace(key, _self_attn, branches=[_branch({key: layer}, strength=0.7,
-                                                                        include_uncond=True)])(q, q, q, extra)
-    torch.testing.assert_close(both, base + 0.7 * g, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, base + _term_of(block, x, layer, 0.7, slice(2, 4)), atol=1e-6, rtol=1e-6)
+    both = _dressed(block, x, key, [_branch({key: layer}, strength=0.7, include_uncond=True)], extra)
+    torch.testing.assert_close(both, base + _term_of(block, x, layer, 0.7, slice(0, 4)), atol=1e-6, rtol=1e-6)
 
 
+@torch.no_grad()
+def test_rows_are_chosen_by_their_conditioning_identity_not_their_place():
+    """Another node's extra pass sends the negative alone (cond_or_uncond [0]): its identity says it is not the
+    positive, so it is not dressed; a positive chunk is dressed wherever it sits."""
+    block, x, layer = _setup(15)
+    key = ("input", 1, 0)
+    pos, neg = "uuid-positive", "uuid-negative"
+    ids = {GARMENT_UUIDS_KEY: frozenset({pos})}
+    branch = [_branch({key: layer}, strength=0.7)]
+    extra_pass = {"cond_or_uncond": [0], "uuids": [neg], **ids}
+    assert torch.equal(_dressed(block, x, key, branch, extra_pass), run_block(block, x, key, extra_pass, HEADS))
+    swapped = {"cond_or_uncond": [1, 0], "uuids": [pos, neg], **ids}  # the positive first, whatever its index
+    base = run_block(block, x, key, swapped, HEADS)
+    out = _dressed(block, x, key, branch, swapped)
+    torch.testing.assert_close(out, base + _term_of(block, x, layer, 0.7, slice(0, 2)), atol=1e-6, rtol=1e-6)
+
+
+@torch.no_grad()
 def test_strength_zero_and_zero_masks_are_exactly_unpatched():
-    q, layer = _setup(9)
+    block, x, layer = _setup(9)
     key = ("output", 9, 0)
-    extra = {"n_heads": HEADS, "cond_or_uncond": [0, 1], "activations_shape": [4, 8, 2, 3]}
-    base = _self_attn(q, q, q, extra)
+    extra = {"cond_or_uncond": [0, 1], "activations_shape": [4, 8, 2, 3]}
+    base = run_block(block, x, key, extra, HEADS)
     for branch in (_branch({key: layer}, strength=0.0),
                    _branch({key: layer}, strength=1.0, masks=torch.zeros(3, 16, 24))):
-        out = DressingAttentionReplace(key, _self_attn, branches=[branch])(q, q, q, extra)
-        assert torch.equal(out, base)
+        assert torch.equal(_dressed(block, x, key, [branch], extra), base)
 
 
-def test_branches_stack_and_previous_replacement_is_called():
-    q, layer = _setup(10)
+@torch.no_grad()
+def test_branches_stack_copy_on_write_and_a_replacement_keeps_the_self_attention():
+    """Two Apply nodes: two branches in one term (the first MODEL's options untouched); an attn1 replacement
+    (another pack's) computes the self-attention, and the garments are added to its output exactly once."""
+    block, x, layer = _setup(10)
     key = ("middle", 0, 0)
-    extra = {"n_heads": HEADS, "cond_or_uncond": [0, 1]}
+    extra = {"cond_or_uncond": [0, 1]}
+    b1, b2 = _branch({key: layer}, strength=0.5), _branch({key: layer}, strength=0.25)
+    first = dict(extra)
+    hooks.install(first, b1, {key: block})
+    second = dict(first)
+    term = hooks.install(second, b2, {key: block})
+    assert hooks.find_term(first).branches == [b1] and term.branches == [b1, b2]
+    assert first["patches"]["middle_patch"] == [hooks.find_term(first).middle_patch]  # untouched by the second
     calls = []
 
-    def previous(q_, k_, v_, extra_):
+    def replacement(q, k, v, extra_):
         calls.append(1)
-        return torch.full_like(q_, 2.0)
+        return torch.full_like(q, 2.0)
 
-    b1, b2 = _branch({key: layer}, strength=0.5), _branch({key: layer}, strength=0.25)
-    rep = DressingAttentionReplace(key, _self_attn, previous=previous, branches=[b1])
-    rep2 = rep.with_branch(b2)
-    assert len(rep.branches) == 1 and len(rep2.branches) == 2  # copy-on-write
-    out = rep2(q, q, q, extra)
-    g = garment_attention(q, layer.features, layer.features * 0.5, HEADS, layer.segments)
-    torch.testing.assert_close(out[:2], 2.0 + 0.75 * g[:2], atol=1e-6, rtol=1e-6)
-    assert torch.equal(out[2:], torch.full_like(out[2:], 2.0))
-    assert len(calls) == 1
+    base = run_block(block, x, key, extra, HEADS, replacement)
+    out = run_block(block, x, key, second, HEADS, replacement)
+    torch.testing.assert_close(out, base + _term_of(block, x, layer, 0.75, slice(0, 2)), atol=1e-6, rtol=1e-6)
+    assert len(calls) == 2  # one per block call: the garment term calls nothing of the replacement's
 
 
 def test_sigma_window_gates_the_branch():
-    q, layer = _setup(11)
+    _, q, layer = _setup(11)
     key = ("input", 4, 0)
     br = _branch({key: layer}, strength=1.0, sigma_start=5.0, sigma_end=1.0)
     assert br.active_at({"sigmas": torch.tensor([3.0])})
@@ -273,7 +308,7 @@ def test_sigma_window_gates_the_branch():
 
 
 def test_run_cache_projects_once_per_run():
-    q, layer = _setup(12)
+    _, q, layer = _setup(12)
     key = ("input", 1, 0)
     calls = []
 
@@ -299,7 +334,7 @@ def test_mask_shape_error_is_clear():
 
 
 def test_masked_branch_finds_visible_queries_once_per_run_and_matches_the_dense_path(monkeypatch):
-    q, layer = _setup(14)
+    _, q, layer = _setup(14)
     key = ("input", 1, 0)
     masks = torch.zeros(3, 4, 6)  # a 2x3 token grid, masks at 2x the resolution
     masks[0, :2] = 1
@@ -322,3 +357,22 @@ def test_masked_branch_finds_visible_queries_once_per_run_and_matches_the_dense_
         (s1, e1, g1), = dense
         assert (s0, e0) == (s1, e1) == (0, 2)
         torch.testing.assert_close(g0, g1, atol=1e-5, rtol=1e-5)
+
+
+def test_visible_queries_are_cached_per_grid_not_per_token_count(monkeypatch):
+    """Two layers whose grids have the same token count (4x4 and 8x2) see different queries of the same masks."""
+    _, q16, layer = _setup(16, lq=16)
+    key = ("input", 1, 0)
+    masks = torch.zeros(3, 8, 8)
+    masks[0, :4] = 1  # the top half
+    masks[1, 4:] = 1
+    masks[2, :, :4] = 1  # the left half
+    br = _branch({key: layer}, masks=masks)
+    cache = RunCache()
+    for grid in ((4, 4), (8, 2)):
+        extra = {"n_heads": HEADS, "cond_or_uncond": [0, 1], "activations_shape": [4, 8, *grid],
+                 "anydressing_run_cache": cache}
+        dense = {k: v for k, v in extra.items() if k != "anydressing_run_cache"}
+        (_, _, cached), = br.output(key, q16, extra)
+        (_, _, reference), = br.output(key, q16, dense)
+        torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)

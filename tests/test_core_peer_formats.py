@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from anydressing_core.attention import sdpa_attention
-from anydressing_core.branch import DressingAttentionReplace, DressingBranch, DressingLayer
+from anydressing_core.branch import DressingBranch, DressingLayer
 from anydressing_core.formats import DIFFUSERS_ATTN1_ORDER, contents_from, detect, load_contents, read_tensors
 from anydressing_core.native_format import FormatError, read_native
 
@@ -90,29 +90,39 @@ def test_converter_writes_native_fp16(tmp_path):
     torch.testing.assert_close(c.dressing[("middle", 0, 0)]["k"].float(), ip["30.to_k_ip.weight"], atol=1e-2, rtol=1e-2)
 
 
+@torch.no_grad()
 def test_concat_mode_joins_garment_tokens_and_gives_uncond_rows_zero_tokens():
-    """MagicClothing: softmax over [latent tokens; garment tokens] with the block's own projections."""
+    """MagicClothing: softmax over [latent tokens; garment tokens] with the block's own projections; the garment
+    tokens join the context and value the block projects (its attn1_patch), the unconditional rows get zeros."""
+    from block_sim import Block, run_block
+
+    from anydressing_core import hooks
+
     g = torch.Generator().manual_seed(4)
     c, heads, lq, lg = 16, 2, 6, 5
-    q, k, v = (torch.randn(4, lq, c, generator=g) for _ in range(3))
+    block = Block(c, 4)
+    x = torch.randn(4, lq, c, generator=g)
     feats = torch.randn(1, lg, c, generator=g)
-    wk, wv = torch.randn(c, c, generator=g), torch.randn(c, c, generator=g)
     key = ("input", 1, 0)
-    layer = DressingLayer(features=feats, segments=[(0, lg)], key_proj=wk, value_proj=wv)
-    branch = DressingBranch({key: layer}, strength=1.0, mode="concat", attention=sdpa_attention)
-    rep = DressingAttentionReplace(key, lambda q_, k_, v_, e: sdpa_attention(q_, k_, v_, e["n_heads"]),
-                                   branches=[branch])
-    out = rep(q, k, v, {"n_heads": heads, "cond_or_uncond": [1, 0]})
-    kf, vf = feats @ wk.t(), feats @ wv.t()
-    cond = sdpa_attention(q[2:], torch.cat([k[2:], kf.expand(2, -1, -1)], 1), torch.cat([v[2:], vf.expand(2, -1, -1)], 1),
-                          heads)
+    a = block.attn1
+    layer = DressingLayer(features=feats, segments=[(0, lg)], key_proj=a.to_k, value_proj=a.to_v)
+    to = {"cond_or_uncond": [1, 0]}
+    hooks.install(to, DressingBranch({key: layer}, strength=0.8, mode="concat", attention=sdpa_attention), {key: block})
+    out = run_block(block, x, key, to, heads)
+    n = block.norm1(x)
+    q, k, v = a.to_q(n), a.to_k(n), a.to_v(n)
+    kf, vf = a.to_k(feats).expand(2, -1, -1), 0.8 * a.to_v(feats).expand(2, -1, -1)
+    cond = sdpa_attention(q[2:], torch.cat([k[2:], kf], 1), torch.cat([v[2:], vf], 1), heads)
     uncond = sdpa_attention(q[:2], torch.cat([k[:2], torch.zeros(2, lg, c)], 1),
                             torch.cat([v[:2], torch.zeros(2, lg, c)], 1), heads)
-    torch.testing.assert_close(out[2:], cond, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out[:2], uncond, atol=1e-5, rtol=1e-5)
-    off = DressingAttentionReplace(key, rep.self_attention, branches=[
-        DressingBranch({key: layer}, strength=0.0, mode="concat")])(q, k, v, {"n_heads": heads})
-    assert torch.equal(off, sdpa_attention(q, k, v, heads))
+    torch.testing.assert_close(out[2:], x[2:] + a.to_out(cond), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:2], x[:2] + a.to_out(uncond), atol=1e-5, rtol=1e-5)
+    # an attn1 replacement that returns the values of every key (PAG's perturbed pass): the latent tokens' rows
+    assert torch.equal(run_block(block, x, key, to, heads, lambda q_, k_, v_, e: v_),
+                       x + a.to_out(v))
+    off = {"cond_or_uncond": [1, 0]}
+    hooks.install(off, DressingBranch({key: layer}, strength=0.0, mode="concat"), {key: block})
+    assert torch.equal(run_block(block, x, key, off, heads), run_block(block, x, key, {}, heads))
     with pytest.raises(ValueError, match="garment masks and weights need Dressing-Attention weights"):
         DressingBranch({key: layer}, mode="concat", masks=torch.ones(1, 4, 4))
 

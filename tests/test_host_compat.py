@@ -156,19 +156,9 @@ def test_rescale_cfg_before_and_after(host, store, calls):
     assert torch.equal(store["after"], store["before"])
 
 
-# ---- masks need the whole grid: tiling/merging patches and area crops are refused, Deep Shrink works ----
+# ---- masks need the whole grid: area crops are refused, Deep Shrink works (tiling and merging: stacking tests) ----
 
 BOXES = [(0, 0, 1, 0.5, 1.0), (0, 0.5, 1, 1, 1.0)]
-
-
-@pytest.mark.parametrize("patch", ["HyperTile", "TomePatchModel"])
-@pytest.mark.parametrize("order", ["before", "after"])
-def test_token_tiling_or_merging_with_masks_is_refused(host, patch, order):
-    kw = {"pre_model": PATCHES[patch](["model", 0])} if order == "before" else {"extra_apply": PATCHES[patch]}
-    random.seed(0)
-    msg = run_error(host, graphs.dressing_prompt(capture_key="x", steps=1, masks=BOXES, **kw))
-    assert msg.startswith("[AnyDressing] Apply Dressing-Attention: layer ")
-    assert "HyperTile, TomePatchModel" in msg and "Disconnect garment_masks" in msg
 
 
 @pytest.mark.parametrize("order", ["before", "after"])

@@ -1,5 +1,5 @@
 """Host: dressing while the MODEL's weights change: hook keyframes and in-place patches re-project the garments'
-K'/V' (never served stale from the run cache), and a wrapped replacement's models still load."""
+K'/V' (never served stale from the run cache)."""
 
 from __future__ import annotations
 
@@ -10,25 +10,6 @@ from compare import rel
 from test_host_compat import LAYERS, assert_every_layer_dressed, calls, prompt  # noqa: F401  (calls: a fixture)
 
 pytestmark = pytest.mark.host
-
-
-def test_wrapped_replacement_models_are_forwarded(host):
-    branch_mod = host.pack_module("anydressing_core.branch")
-
-    class Needs:
-        def __init__(self):
-            self.extra = object()
-
-        def models(self):
-            return [self.extra]
-
-        def __call__(self, q, k, v, extra):
-            return q
-
-    inner = Needs()
-    replace = branch_mod.DressingAttentionReplace(("middle", 0, 0), lambda q, k, v, e: q, previous=inner)
-    assert replace.models() == [inner.extra]
-    assert branch_mod.DressingAttentionReplace(("middle", 0, 0), lambda q, k, v, e: q).models() == []
 
 
 # ---- weights that change mid-run (scheduled LoRA hooks swap to_k/to_v per keyframe and per cond) ----

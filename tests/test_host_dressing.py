@@ -42,13 +42,16 @@ def test_input_model_is_not_mutated(host, store):
     assert host.run(p)["success"]
     base, patched = store["base"], store["patched"]
     assert base is not patched and base.model is patched.model  # a clone sharing the weights
-    assert "patches_replace" not in base.model_options.get("transformer_options", {})
+    assert "patches" not in base.model_options.get("transformer_options", {})
     assert not base.wrappers
-    replaces = patched.model_options["transformer_options"]["patches_replace"]["attn1"]
-    assert len(replaces) == 16
-    assert sorted(replaces) == sorted([("input", i, 0) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0, 0)] +
-                                      [("output", i, 0) for i in range(3, 12)])
-    assert "anydressing" in patched.wrappers["outer_sample"]
+    to = patched.model_options["transformer_options"]
+    assert "patches_replace" not in to  # no attn1 replacement: the slot stays free for other packs
+    term = host.pack_module("nodes.glue").garment_term(patched)
+    (branch,) = term.branches
+    assert sorted(branch.layers) == sorted(term.blocks) == sorted(
+        [("input", i, 0) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0, 0)] + [("output", i, 0) for i in range(3, 12)])
+    assert to["patches"]["attn1_patch"] == [term.input_patch] and to["patches"]["middle_patch"] == [term.middle_patch]
+    assert list(patched.wrappers) == ["outer_sample"] and "anydressing" in patched.wrappers["outer_sample"]
     # the run cache was dropped when sampling finished
     assert "anydressing_run_cache" not in patched.model_options["transformer_options"]
 
@@ -208,4 +211,4 @@ def test_training_free_on_an_sdxl_architecture_model(host):
     feats = enc.encode(gn.load("training-free", None, patcher), torch.randn(2, 4, 8, 8), ["upper", "lower"])
     assert len(feats.layers) == 22 and ("input", 4, 1) in feats.layers  # 2 blocks in each of 11 transformers
     m = apply.apply(patcher, feats, 0.7, "", 0.0, 1.0, "auto", None)
-    assert len(m.model_options["transformer_options"]["patches_replace"]["attn1"]) == 22
+    assert len(host.pack_module("nodes.glue").garment_term(m).branches[0].layers) == 22

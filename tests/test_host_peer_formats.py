@@ -188,10 +188,8 @@ def test_dreamfit_separate_references_mid_and_output_only(host, store):
 
     plain = run(host, store, "plain", patched=False)
     auto = dream("auto", strength=1.0)
-    replaces = store["auto_model"].model_options["transformer_options"]["patches_replace"]["attn1"]
-    assert sorted(k for k in replaces if replaces[k].branches) == sorted(
-        [("middle", 0, 0)] + [("output", i, 0) for i in range(3, 12)])
-    branch = next(iter(replaces.values())).branches[0]
+    (branch,) = host.pack_module("nodes.glue").garment_term(store["auto_model"]).branches
+    assert sorted(branch.layers) == sorted([("middle", 0, 0)] + [("output", i, 0) for i in range(3, 12)])
     assert branch.mode == "separate" and branch.include_uncond  # DreamFit: both CFG halves see the garments
     no_uncond = dream("no", uncond="no", strength=1.0)
     assert rel(auto, plain) > 1e-2 and rel(auto, no_uncond) > 1e-3

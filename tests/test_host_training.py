@@ -253,8 +253,7 @@ def test_apply_auto_strength_is_the_files_value(host, setup):
     def strength_used(gnet, value):
         feats = encode(gnet, latents, ["upper"])
         (m,) = nodes.ApplyDressingAttention().apply(base, feats, value, "", 0.0, 1.0, "auto")
-        replaces = m.model_options["transformer_options"]["patches_replace"]["attn1"]
-        return {r.branches[-1].strength for r in replaces.values()}
+        return {b.strength for b in host.pack_module("nodes.glue").garment_term(m).branches[-1:]}
 
     trained = gnets.load(path.name, str(path), base)
     assert strength_used(trained, -1.0) == {0.85}

@@ -98,9 +98,9 @@ def test_shipped_workflow_on_a_full_size_random_sd15(host, store):
 
     r = host.run(prepared(0.7, "dressed"))
     assert r["success"], r["errors"]
-    replaces = store["dressed_model"].model_options["transformer_options"]["patches_replace"]["attn1"]
-    widths = sorted({b.layers[k].features.shape[-1] for k, r_ in replaces.items() for b in r_.branches})
-    assert len(replaces) == 16 and widths == [320, 640, 1280]
+    (branch,) = host.pack_module("nodes.glue").garment_term(store["dressed_model"]).branches
+    widths = sorted({layer.features.shape[-1] for layer in branch.layers.values()})
+    assert len(branch.layers) == 16 and widths == [320, 640, 1280]
     r = host.run(prepared(0.0, "zero"))
     assert r["success"], r["errors"]
     assert "AnyDressingEncodeGarments" not in [api[n]["class_type"] for n in r["executed"] if n in api]
@@ -363,9 +363,8 @@ def test_sdxl_training_free_workflow_on_a_full_size_random_sdxl(host, store):
         r_plain = host.run(prepared("plain", False))
     finally:
         checkpoint.unlink()  # 7 GB: not left in the temporary ComfyUI base folder
-    replaces = store["dressed_model"].model_options["transformer_options"]["patches_replace"]["attn1"]
-    assert len(replaces) == 70
-    branch = next(iter(replaces.values())).branches[0]
+    (branch,) = host.pack_module("nodes.glue").garment_term(store["dressed_model"]).branches
+    assert len(branch.layers) == 70
     widths = sorted({layer.features.shape[-1] for layer in branch.layers.values()})
     assert widths == [640, 1280]
     per_garment = sum(layer.features.shape[1] * layer.features.shape[2] for layer in branch.layers.values()) // 2

@@ -300,6 +300,39 @@ class ForeignAttn1:
         return (m,)
 
 
+class ChainingAttn1:
+    """Installs an attn1 replacement on every layer that calls the one it replaces (as packs that chain do), with a
+    scale of its own, so a garment term living in that slot would be added twice."""
+
+    CATEGORY = "AnyDressing tests"
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "scale": ("FLOAT", {"default": 0.9})}}
+
+    def run(self, model, scale):
+        import comfy.ldm.modules.attention as attn
+
+        m = model.clone()
+        current = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+        for name, module in m.model.diffusion_model.named_modules():
+            if isinstance(module, attn.BasicTransformerBlock):
+                parts = name.split(".")
+                block = {"input_blocks": "input", "output_blocks": "output", "middle_block": "middle"}[parts[0]]
+                key = (block, 0 if block == "middle" else int(parts[1]), int(parts[-1]))
+                previous = current.get(key)
+
+                def replace(q, k, v, extra, previous=previous):
+                    out = previous(q, k, v, extra) if previous is not None else attn.optimized_attention(
+                        q, k, v, extra["n_heads"])
+                    return out * scale
+
+                m.set_model_attn1_replace(replace, *key)
+        return (m,)
+
+
 class AddLoRA:
     """Adds a random LoRA-style weight patch to every attn1.to_k/to_v, the way ComfyUI's LoraLoader patches weights."""
 
@@ -358,6 +391,7 @@ class TinyControlNet:
 
 NODE_CLASS_MAPPINGS = {
     "ADTestTinyControlNet": TinyControlNet,
+    "ADTestChainingAttn1": ChainingAttn1,
     "ADTestTinyModel": TinyModel,
     "ADTestTinyVAE": TinyVAE,
     "ADTestConditioning": RandomConditioning,
