@@ -61,7 +61,8 @@ def boot(comfyui: Path, cpu: bool, flags: list[str] = ()):
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     pack = os.path.join(str(base / "custom_nodes"), "ComfyUI-AnyDressing").replace(".", "_x_")
-    return {name: sys.modules[f"{pack}.nodes.{name}"] for name in ("apply", "encode", "garments_net")}
+    return {name: sys.modules[f"{pack}.nodes.{name}"]
+            for name in ("apply_dressing_attention", "encode_garments", "load_garments_net")}
 
 
 def sd15_model(channels: int, dtype, seed: int = 0):
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     device = mm.get_torch_device()
     meter = Meter(device)
     model = sd15_model(args.channels, dtype)
-    gnet = mods["garments_net"].load("training-free", None, model)
+    gnet = mods["load_garments_net"].load("training-free", None, model)
     print(f"device {torch.cuda.get_device_name() if not cpu else 'cpu'}, {args.dtype}, model_channels "
           f"{args.channels}, {args.steps} steps, euler, cfg 6; median of {args.repeats} alternating pairs")
     header = (f"{'size':>9} {'rows':>4} {'N':>2} {'plain s':>8} {'dressed/plain':>13} {'masked/plain':>12} "
@@ -163,15 +164,15 @@ def main(argv=None) -> int:
                 gl = torch.randn(n, 4, h // 8, w // 8, generator=g)
                 meter.sync()
                 t0 = time.perf_counter()
-                feats = mods["encode"].encode(gnet, gl, ["upper"] * n)
+                feats = mods["encode_garments"].encode(gnet, gl, ["upper"] * n)
                 meter.sync()
                 t_encode = time.perf_counter() - t0
                 bank = feats.nbytes_per_garment() / 2**20
-                dressed = mods["apply"].apply(model, feats, 0.7, "", 0.0, 1.0, "auto", None)
+                dressed = mods["apply_dressing_attention"].apply(model, feats, 0.7, "", 0.0, 1.0, "auto", None)
                 masks = torch.zeros(n, h, w)
                 for k in range(n):
                     masks[k, k * h // n:(k + 1) * h // n] = 1.0
-                masked = mods["apply"].apply(model, feats, 0.7, "", 0.0, 1.0, "auto", masks)
+                masked = mods["apply_dressing_attention"].apply(model, feats, 0.7, "", 0.0, 1.0, "auto", masks)
                 sample(model, 1), sample(dressed, 1), sample(masked, 1)  # warm-up and loads
                 r_d, r_m, r_mu, plain_t = [], [], [], []
                 for _ in range(args.repeats):  # each peak is its own run's: reset right before it
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
                     for _ in range(2):
                         meter.sync()
                         t0 = time.perf_counter()
-                        mods["encode"].encode(gnet, gl, ["upper"] * n)
+                        mods["encode_garments"].encode(gnet, gl, ["upper"] * n)
                         meter.sync()
                         per_step_encode.append(time.perf_counter() - t0)
                     rerun = (statistics.median(r_d) * tp + args.steps * statistics.median(per_step_encode)) / tp

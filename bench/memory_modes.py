@@ -60,10 +60,10 @@ def main(argv=None) -> int:
     garment_latents = torch.randn(args.garments, 4, h // 8, w // 8, generator=g)  # drawn in both: same noise after
     dressed = model
     if not args.plain:  # the plain reference holds no garment features while it samples
-        gnet = mods["garments_net"].load("training-free", None, model)
-        feats = mods["encode"].encode(gnet, garment_latents, ["upper"] * args.garments)
+        gnet = mods["load_garments_net"].load("training-free", None, model)
+        feats = mods["encode_garments"].encode(gnet, garment_latents, ["upper"] * args.garments)
         mm.unload_all_models()  # GarmentsNet offloaded between encode and sampling, as between runs
-        dressed = mods["apply"].apply(model, feats, 0.7, "", 0.0, 1.0, "auto", None)
+        dressed = mods["apply_dressing_attention"].apply(model, feats, 0.7, "", 0.0, 1.0, "auto", None)
     latent = torch.zeros(1, 4, h // 8, w // 8)
     cond = [[torch.randn(1, 77, 768, generator=g), {}]]
     neg = [[torch.randn(1, 77, 768, generator=g), {}]]

@@ -7,12 +7,15 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from comfy_api.latest import io
 
 from ..anydressing_core.features import GarmentFeatures
 from ..anydressing_core.masks import feather as feather_masks
 from ..anydressing_core.masks import grow as grow_masks
 from ..anydressing_core.masks import normalize_masks
 from ..anydressing_core.pose import PoseError, box_mask, parse_boxes, person_keypoints, resize_keypoints, slot_region
+from ..anydressing_core.slots import MAX_GARMENTS
+from . import io_types
 from .glue import NodeError
 
 NODE = "Garment Masks"
@@ -100,3 +103,56 @@ def build(width: int, height: int, grow: int, feather: int, person_index: int,
     stacked = torch.stack(out, dim=0).float()
     stacked = feather_masks(grow_masks(stacked, grow), feather)
     return GarmentMasks(stacked), stacked
+
+
+class GarmentMasksNode(io.ComfyNode):
+    """The node: masks, boxes and a pose in, GARMENT_MASKS (and the same as a MASK batch) out."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AnyDressingGarmentMasks",
+            display_name=NODE,
+            category=io_types.CATEGORY,
+            description="Builds one mask per garment (in Encode Garments order) from any mix of: a MASK per garment, "
+                        "a box per garment, and pose keypoints from a DWPose/OpenPose preprocessor with a region rule "
+                        "per slot (upper: shoulders to hips with arms; lower: hips to ankles; dress: shoulders to "
+                        "knees; shoes: feet; hat: head; bag/other: mask or box only). Per garment a mask wins over a "
+                        "box, a box over the pose. With masks, garment k only reaches pixels inside mask k; an "
+                        "all-zero mask switches it off.",
+            inputs=[
+                io.Int.Input("width", default=576, min=8, max=8192, step=8,
+                             tooltip="Width of the image you generate (the masks' size)."),
+                io.Int.Input("height", default=768, min=8, max=8192, step=8,
+                             tooltip="Height of the image you generate (the masks' size)."),
+                io.Int.Input("grow", default=0, min=-512, max=512,
+                             tooltip="Grow (positive) or shrink (negative) every mask by this many pixels."),
+                io.Int.Input("feather", default=0, min=0, max=512,
+                             tooltip="Soften mask edges over this many pixels (soft masks scale a garment's share)."),
+                io.Int.Input("person_index", default=0, min=0, max=64,
+                             tooltip="Which person of the pose to dress (0 = the first)."),
+                io_types.GarmentFeatures.Input("garment_features", optional=True,
+                                               tooltip="From Encode Garments: tells each garment's slot (for the pose "
+                                                       "rules) and how many garments there are."),
+                io_types.PoseKeypoint.Input("pose_keypoint", optional=True,
+                                            tooltip="Keypoints from a DWPose / OpenPose preprocessor; garments without "
+                                                    "a mask or box get their slot's region."),
+                io.String.Input("boxes", default="", multiline=True, optional=True,
+                                tooltip="One line per garment: 'x0, y0, x1, y1' in pixels (or fractions of the size "
+                                        "when all are <= 1); an empty line or '-' means none."),
+            ] + [io.Mask.Input(f"mask_{i}", optional=True,
+                               tooltip=f"Region of garment {i} (optional; any size, it is resized to width x height).")
+                 for i in range(1, MAX_GARMENTS + 1)],
+            outputs=[
+                io_types.GarmentMasks.Output(display_name="garment_masks",
+                                             tooltip="For Apply Dressing-Attention's garment_masks input."),
+                io.Mask.Output(display_name="masks", tooltip="The same masks as a MASK batch, to preview with core "
+                                                             "nodes."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, width, height, grow, feather, person_index, garment_features=None, pose_keypoint=None,
+                boxes="", **masks_in) -> io.NodeOutput:
+        return io.NodeOutput(*build(width, height, grow, feather, person_index, garment_features, pose_keypoint,
+                                    boxes, [masks_in.get(f"mask_{i}") for i in range(1, MAX_GARMENTS + 1)]))

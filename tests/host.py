@@ -188,7 +188,7 @@ class Host:
         self.boot_warnings: list[str] = []
 
     def pack_module(self, name: str):
-        """A module of the AnyDressing pack as ComfyUI imported it (e.g. 'nodes.encode')."""
+        """A module of the AnyDressing pack as ComfyUI imported it (e.g. 'nodes.encode_garments')."""
         pack = os.path.join(str(self.base / "custom_nodes"), PACK_LINK_NAME).replace(".", "_x_")
         return sys.modules[f"{pack}.{name}"]
 

@@ -79,6 +79,9 @@ def test_every_workflow_loads_with_no_unknown_missing_node_and_no_error(editor):
         assert set(w["errors"]) <= set(w["missing"] or []), w  # the missing nodes are the only ones flagged
         assert (shots / w["name"].replace(".json", ".png")).stat().st_size > 10_000
         assert w["pageErrors"] == [], w  # loading our workflows raises nothing in the page
+        for node in wf["nodes"]:  # every saved widget value of our nodes is where it was saved
+            if node["type"].startswith("AnyDressing"):
+                assert w["widgets"][str(node["id"])] == node.get("widgets_values", []), (w["name"], node["type"])
     # The 0.3.64 frontend raises one TypeError of its own at start-up (a settings onChange), with or without this
     # pack installed (checked on a bare server); nothing at start-up may come from us.
     assert not [e for e in result["startupErrors"] if "anydressing" in e.lower()]

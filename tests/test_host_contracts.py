@@ -16,12 +16,12 @@ pytestmark = pytest.mark.host
 def _dressed(host, masks=None, strength=0.7, model=None):
     import adtest_tiny
 
-    enc = host.pack_module("nodes.encode")
-    gn = host.pack_module("nodes.garments_net")
+    enc = host.pack_module("nodes.encode_garments")
+    gn = host.pack_module("nodes.load_garments_net")
     base = model or adtest_tiny.tiny_model_patcher(0)
     g = torch.Generator().manual_seed(3)
     feats = enc.encode(gn.load("training-free", None, base), torch.randn(2, 4, 8, 6, generator=g), ["upper", "lower"])
-    return host.pack_module("nodes.apply").apply(base, feats, strength, "", 0.0, 1.0, "auto", masks), feats
+    return host.pack_module("nodes.apply_dressing_attention").apply(base, feats, strength, "", 0.0, 1.0, "auto", masks), feats
 
 
 def _sample(m, seed=0):

@@ -205,9 +205,9 @@ def test_training_free_on_an_sdxl_architecture_model(host):
     adtest_tiny.randomize(model.diffusion_model, 0)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
-    gn = host.pack_module("nodes.garments_net")
-    enc = host.pack_module("nodes.encode")
-    apply = host.pack_module("nodes.apply")
+    gn = host.pack_module("nodes.load_garments_net")
+    enc = host.pack_module("nodes.encode_garments")
+    apply = host.pack_module("nodes.apply_dressing_attention")
     feats = enc.encode(gn.load("training-free", None, patcher), torch.randn(2, 4, 8, 8), ["upper", "lower"])
     assert len(feats.layers) == 22 and ("input", 4, 1) in feats.layers  # 2 blocks in each of 11 transformers
     m = apply.apply(patcher, feats, 0.7, "", 0.0, 1.0, "auto", None)

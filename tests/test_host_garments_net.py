@@ -57,8 +57,8 @@ def run_error(host, **kw) -> str:
 
 def encode_with(host, name, slots, base=None, seeds=None):
     """Load a file through the pack's loader and run the pack's encode on fixed garment latents."""
-    gn = host.pack_module("nodes.garments_net")
-    enc = host.pack_module("nodes.encode")
+    gn = host.pack_module("nodes.load_garments_net")
+    enc = host.pack_module("nodes.encode_garments")
     path = str(host.anydressing_dir() / name) if name != "training-free" else None
     gnet = gn.load(name, path, base)
     g = torch.Generator().manual_seed(11)
@@ -154,7 +154,7 @@ def test_partial_unet_needs_the_model(host, store):
     partial = {k: v for k, v in sd.items() if k.startswith("output_blocks")}
     write(host, "partial.safetensors", unet=partial)
     assert run(host, store, "partial", gnet_name="partial.safetensors").shape == (1, 4, 8, 8)
-    gn = host.pack_module("nodes.garments_net")
+    gn = host.pack_module("nodes.load_garments_net")
     with pytest.raises(Exception, match=r"partial.safetensors holds a partial GarmentsNet \(\d+ UNet tensors, without "
                                          r"input_blocks.0.0.weight\); connect the base MODEL to the 'model' input"):
         gn.load("partial.safetensors", str(host.anydressing_dir() / "partial.safetensors"), None)
@@ -164,19 +164,19 @@ def test_load_errors_name_the_node_input_and_fix(host):
     cls = host.nodes.NODE_CLASS_MAPPINGS["AnyDressingLoadGarmentsNet"]
     with pytest.raises(Exception, match=r"\[AnyDressing\] Load GarmentsNet: 'training-free' uses the base MODEL's "
                                          r"own UNet as GarmentsNet: connect"):
-        cls().load("training-free")
+        cls.execute("training-free")
     expected = host.anydressing_dir() / "gone.safetensors"
     with pytest.raises(Exception, match=rf"GarmentsNet file 'gone.safetensors' not found \(expected at {expected}\)"):
-        cls().load("gone.safetensors")
+        cls.execute("gone.safetensors")
     (host.anydressing_dir() / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(Exception, match=r"Load GarmentsNet: junk.safetensors is not a readable .safetensors file"):
-        cls().load("junk.safetensors")
+        cls.execute("junk.safetensors")
     sd = tiny_sd(1)
     sd2 = {k: (torch.zeros(v.shape[0], 1024) if (".attn2.to_k." in k or ".attn2.to_v." in k) else v)
            for k, v in sd.items()}
     write(host, "sd2like.safetensors", unet=sd2)
     with pytest.raises(Exception, match=r"GarmentsNet UNet is not SD1.5-architecture \(\{'context_dim': 1024"):
-        cls().load("sd2like.safetensors")
+        cls.execute("sd2like.safetensors")
 
 
 def test_apply_errors(host):

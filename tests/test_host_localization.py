@@ -137,9 +137,9 @@ def test_changing_garment_2_leaves_every_layer_outside_its_mask_bit_identical(ho
     """At all 16 layers, for the same queries, garment 2's tokens reach no query outside mask 2."""
     import adtest_tiny
 
-    enc = host.pack_module("nodes.encode")
-    gn = host.pack_module("nodes.garments_net")
-    apply = host.pack_module("nodes.apply")
+    enc = host.pack_module("nodes.encode_garments")
+    gn = host.pack_module("nodes.load_garments_net")
+    apply = host.pack_module("nodes.apply_dressing_attention")
     base = adtest_tiny.tiny_model_patcher(0)
     gnet = gn.load("training-free", None, base)
     g = torch.Generator().manual_seed(5)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import node_specs
+
 pytestmark = pytest.mark.host
 
 EXPECTED = {
@@ -42,9 +44,9 @@ def test_every_input_and_output_has_a_tooltip_and_every_node_a_description(host)
 
 def test_custom_types_and_model_folder(host):
     m = host.nodes.NODE_CLASS_MAPPINGS
-    assert m["AnyDressingLoadGarmentsNet"].RETURN_TYPES == ("GARMENTS_NET",)
+    assert tuple(m["AnyDressingLoadGarmentsNet"].RETURN_TYPES) == ("GARMENTS_NET",)
     assert m["AnyDressingEncodeGarments"].RETURN_TYPES[0] == "GARMENT_FEATURES"
-    assert m["AnyDressingGarmentMasks"].RETURN_TYPES == ("GARMENT_MASKS", "MASK")
+    assert tuple(m["AnyDressingGarmentMasks"].RETURN_TYPES) == ("GARMENT_MASKS", "MASK")
     assert m["AnyDressingApplyDressingAttention"].INPUT_TYPES()["optional"]["garment_masks"][0] == "GARMENT_MASKS"
     paths, exts = host.folder_paths.folder_names_and_paths["anydressing"]
     assert str(host.models_dir / "anydressing") in paths
@@ -52,7 +54,7 @@ def test_custom_types_and_model_folder(host):
     (host.anydressing_dir() / "listed.safetensors").write_bytes(b"")
     (host.anydressing_dir() / "listed.safetensors.losses.csv").write_text("step\n")
     host.folder_paths.cache_helper.clear() if hasattr(host.folder_paths, "cache_helper") else None
-    choices = m["AnyDressingLoadGarmentsNet"].INPUT_TYPES()["required"]["garments_net_name"][0]
+    choices = node_specs.choices(m["AnyDressingLoadGarmentsNet"].INPUT_TYPES()["required"]["garments_net_name"])
     assert choices[0] == "training-free" and "listed.safetensors" in choices
     assert not any(c.endswith(".csv") for c in choices)
     (host.anydressing_dir() / "listed.safetensors").unlink()
@@ -64,12 +66,12 @@ def test_model_folder_is_created_at_start_up_when_absent(host, tmp_path):
     saved_dir, saved_entry = fp.models_dir, fp.folder_names_and_paths.pop("anydressing")
     try:
         fp.models_dir = str(tmp_path)
-        host.pack_module("nodes.node_classes").register_model_folder()
+        host.pack_module("nodes.model_folder").register_model_folder()
         assert (tmp_path / "anydressing").is_dir()
         assert fp.folder_names_and_paths["anydressing"][0] == [str(tmp_path / "anydressing")]
         # an entry that extra_model_paths.yaml made first keeps its paths and its extension set
         fp.folder_names_and_paths["anydressing"] = (["/models/shared/anydressing"], {".safetensors"})
-        host.pack_module("nodes.node_classes").register_model_folder()
+        host.pack_module("nodes.model_folder").register_model_folder()
         assert fp.folder_names_and_paths["anydressing"] == (
             ["/models/shared/anydressing", str(tmp_path / "anydressing")], {".safetensors"})
     finally:

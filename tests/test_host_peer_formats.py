@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import graphs
 from compare import rel
+from node_specs import choices
 from anydressing_core.formats import DIFFUSERS_ATTN1_ORDER
 from anydressing_core.layers import path_from_key
 from anydressing_core.native_format import write_native
@@ -58,8 +59,8 @@ def test_magicclothing_garment_unet_runs_in_concat_mode(host, store):
 
 
 def choices_now(host) -> list:
-    return host.nodes.NODE_CLASS_MAPPINGS["AnyDressingLoadGarmentsNet"].INPUT_TYPES()["optional"][
-        "extra_weights_name"][0]
+    return choices(host.nodes.NODE_CLASS_MAPPINGS["AnyDressingLoadGarmentsNet"].INPUT_TYPES()["optional"][
+        "extra_weights_name"])
 
 
 def test_magicclothing_stable_extractor_plus_ip_layer(host, store):
@@ -74,8 +75,8 @@ def test_magicclothing_stable_extractor_plus_ip_layer(host, store):
     # reference: the same extractor, W' left to the paper's init (the MODEL's own W_k/W_v, equal to the ip layers)
     write_native(str(host.anydressing_dir() / "extractor_only.safetensors"), unet=dsd,
                  extra_metadata={"text_context": "1"})
-    choices = host.nodes.NODE_CLASS_MAPPINGS["AnyDressingLoadGarmentsNet"].INPUT_TYPES()["optional"]
-    extra_choices = choices["extra_weights_name"][0]
+    extra_choices = choices(host.nodes.NODE_CLASS_MAPPINGS["AnyDressingLoadGarmentsNet"].INPUT_TYPES()["optional"][
+        "extra_weights_name"])
     assert extra_choices[0] == "none" and "ip_layer.pth" in extra_choices  # W_k'/W_v' only: offered
     assert not {"garment_extractor.safetensors", "extractor_only.safetensors"} & set(extra_choices)  # UNets: not
     write_native(str(host.anydressing_dir() / "dressing_only.safetensors"),
@@ -253,8 +254,8 @@ def test_each_family_loads_weights_into_the_right_modules_and_converts(host, sto
     import adtest_tiny
     from anydressing_core.convert import convert
 
-    gn = host.pack_module("nodes.garments_net")
-    enc = host.pack_module("nodes.encode")
+    gn = host.pack_module("nodes.load_garments_net")
+    enc = host.pack_module("nodes.encode_garments")
     fixtures = host.nodes.NODE_CLASS_MAPPINGS
     clip = fixtures["ADTestStubCLIP"]().run(0)[0]
     vision = fixtures["ADTestStubCLIPVision"]().run(20)[0]
@@ -282,7 +283,7 @@ def test_each_family_loads_weights_into_the_right_modules_and_converts(host, sto
     for key in feats.layers:
         assert torch.equal(feats2.layers[key], feats.layers[key]), key
     # and the patched MODEL runs a sampling step with this family's features
-    m = host.pack_module("nodes.apply").apply(base, feats, 0.7, "", 0.0, 1.0, "auto", None)
+    m = host.pack_module("nodes.apply_dressing_attention").apply(base, feats, 0.7, "", 0.0, 1.0, "auto", None)
     import comfy.sample
     import comfy.samplers
 

@@ -93,9 +93,9 @@ def encode_node(host, **images):
     cls = host.nodes.NODE_CLASS_MAPPINGS["AnyDressingEncodeGarments"]
     import adtest_tiny
 
-    gn = host.pack_module("nodes.garments_net")
+    gn = host.pack_module("nodes.load_garments_net")
     gnet = gn.load("training-free", None, adtest_tiny.tiny_model_patcher(0))
-    return cls().encode(gnet, adtest_tiny.tiny_vae(0), slot_1="upper", width=48, height=64, **images)
+    return cls.execute(gnet, adtest_tiny.tiny_vae(0), slot_1="upper", width=48, height=64, **images).args
 
 
 def test_odd_images_are_converted_and_said(host, caplog):
@@ -144,20 +144,20 @@ def test_bad_images_and_masks_get_node_errors(host):
         encode_node(host, image_1=torch.zeros(0, 64, 64, 3))
     with pytest.raises(Exception, match=r"Encode Garments: 17 garments given; at most 16"):
         encode_node(host, image_1=torch.rand(17, 64, 64, 3))
-    masks = host.nodes.NODE_CLASS_MAPPINGS["AnyDressingGarmentMasks"]()
+    masks = host.nodes.NODE_CLASS_MAPPINGS["AnyDressingGarmentMasks"]
     with pytest.raises(Exception, match=r"\[AnyDressing\] Garment Masks: mask_1: garment masks contain NaN or "
                                          r"infinite values; fix the mask that feeds it"):
-        masks.build(64, 64, 0, 0, 0, mask_1=torch.full((1, 8, 8), float("inf")))
+        masks.execute(64, 64, 0, 0, 0, mask_1=torch.full((1, 8, 8), float("inf")))
     with pytest.raises(Exception, match=r"Garment Masks: no garment to build a mask for"):
-        masks.build(64, 64, 0, 0, 0)
+        masks.execute(64, 64, 0, 0, 0)
     with pytest.raises(Exception, match=re.escape(
             "[AnyDressing] Garment Masks: mask_2 is 512x512 pixels (aspect 1.000) but the masks are made at width x "
             "height = 576x768 (aspect 0.750); stretching it would move the garment's region: set width and height to "
             "the size of the image the mask was drawn on, or crop the mask to 576x768's aspect first")):
-        masks.build(576, 768, 0, 0, 0, mask_1=torch.ones(1, 768, 576), mask_2=torch.ones(1, 512, 512))
+        masks.execute(576, 768, 0, 0, 0, mask_1=torch.ones(1, 768, 576), mask_2=torch.ones(1, 512, 512))
     same_shape = torch.zeros(1, 1333, 1000)  # a phone-size mask of the same 3:4 shape is scaled, not refused
     same_shape[:, :667] = 1.0
-    _, built = masks.build(576, 768, 0, 0, 0, mask_1=same_shape)
+    _, built = masks.execute(576, 768, 0, 0, 0, mask_1=same_shape).args
     assert built.shape == (1, 768, 576)
     assert float(built[0, :380].min()) == 1.0 and float(built[0, 388:].max()) == 0.0
 
@@ -166,8 +166,8 @@ def test_fuzzed_files_through_load_garments_net_and_encode(host):
     """Every mutated file ends in the pack's own error or a valid load and encode; nothing else escapes."""
     import adtest_tiny
 
-    gn = host.pack_module("nodes.garments_net")
-    enc = host.pack_module("nodes.encode")
+    gn = host.pack_module("nodes.load_garments_net")
+    enc = host.pack_module("nodes.encode_garments")
     node_error = host.pack_module("nodes.glue").NodeError
     base = adtest_tiny.tiny_model_patcher(0)
     sd = adtest_tiny.tiny_unet_state_dict(0)

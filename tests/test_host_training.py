@@ -74,11 +74,11 @@ def test_trained_file_gives_the_pack_the_training_time_features(host, setup, tmp
     assert contents.slots == ["lower", "upper"] and contents.metadata["lora_rank"] == "4"
     # the tap and the training strength round-trip through the file's metadata into the loaded GarmentsNet
     assert contents.metadata["feature_tap"] == tap and float(contents.metadata["strength"]) == 0.85
-    gnet = host.pack_module("nodes.garments_net").load(path.name, str(path), base)
+    gnet = host.pack_module("nodes.load_garments_net").load(path.name, str(path), base)
     assert gnet.feature_tap == tap and gnet.strength == 0.85
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     # the pack takes raw VAE latents and scales them (x 0.18215); training works on scaled latents
-    pack = host.pack_module("nodes.encode").encode(gnet, latents / 0.18215, ["lower", "upper"])
+    pack = host.pack_module("nodes.encode_garments").encode(gnet, latents / 0.18215, ["lower", "upper"])
     with torch.no_grad():
         ours = tr.encode(latents, ["lower", "upper"])
     for key, t in ours.items():
@@ -240,19 +240,19 @@ def test_apply_auto_strength_is_the_files_value(host, setup):
     """Apply Dressing-Attention's default strength (-1, auto) runs a trained file at its recorded strength and
     training-free at the paper's 0.7; a number is used as given (so workflows saved with 0.7 keep 0.7)."""
     ds, base, enc_img, enc_txt = setup
-    nodes = host.pack_module("nodes.node_classes")
+    nodes = host.pack_module("nodes.apply_dressing_attention")
     spec = nodes.ApplyDressingAttention.INPUT_TYPES()["required"]["strength"][1]
     assert spec["default"] == -1.0 and spec["min"] == -1.0 and "auto" in spec["tooltip"]
     tr = trainer_for(base, strength=0.85)
     path = host.anydressing_dir() / "trained_strength_test.safetensors"
     tr.save(str(path), {"steps": 0})
-    gnets = host.pack_module("nodes.garments_net")
-    encode = host.pack_module("nodes.encode").encode
+    gnets = host.pack_module("nodes.load_garments_net")
+    encode = host.pack_module("nodes.encode_garments").encode
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
 
     def strength_used(gnet, value):
         feats = encode(gnet, latents, ["upper"])
-        (m,) = nodes.ApplyDressingAttention().apply(base, feats, value, "", 0.0, 1.0, "auto")
+        (m,) = nodes.ApplyDressingAttention.execute(base, feats, value, "", 0.0, 1.0, "auto").args
         return {b.strength for b in host.pack_module("nodes.glue").garment_term(m).branches[-1:]}
 
     trained = gnets.load(path.name, str(path), base)

@@ -166,9 +166,9 @@ def test_finetuned_garments_net_is_saved_and_gives_the_pack_the_training_time_fe
     contents = read_native(str(path))
     assert contents.metadata["garments_net"] == "fine-tuned"
     assert contents.unet.keys() == tr.garments_net.state_dict().keys()
-    gnet = host.pack_module("nodes.garments_net").load(path.name, str(path), base)
+    gnet = host.pack_module("nodes.load_garments_net").load(path.name, str(path), base)
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    pack = host.pack_module("nodes.encode").encode(gnet, latents / 0.18215, ["upper"])
+    pack = host.pack_module("nodes.encode_garments").encode(gnet, latents / 0.18215, ["upper"])
     with torch.no_grad():
         ours = tr.encode(latents, ["upper"])
         base_feats = trainer_for(base, feature_tap="attn1_input").encode(latents, ["upper"])

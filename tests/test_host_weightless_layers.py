@@ -77,8 +77,8 @@ def _load_and_encode(host, kind):
     import adtest_tiny
     import comfy.model_management as mm
 
-    gn = host.pack_module("nodes.garments_net")
-    enc = host.pack_module("nodes.encode")
+    gn = host.pack_module("nodes.load_garments_net")
+    enc = host.pack_module("nodes.encode_garments")
     fixtures = host.nodes.NODE_CLASS_MAPPINGS
     d = host.anydressing_dir()
     base = adtest_tiny.tiny_model_patcher(0)

@@ -179,12 +179,12 @@ def test_full_shape_file_of_each_family_loads(host, full_unet, family):
             ck[f"target_unet.{path_from_key(key)}.attn1.ref_to_v.weight"] = ip[key][1]
         name = "full_dreamfit.ckpt"
         torch.save({"state_dict": ck}, d / name)
-    gn = host.pack_module("nodes.garments_net")
+    gn = host.pack_module("nodes.load_garments_net")
     gnet = gn.load(name, str(d / name), None, str(d / extra) if extra else None)
     loaded = gnet.patcher.model.diffusion_model.state_dict()
     for k in sorted(sd)[::53]:
         assert torch.equal(loaded[k].half(), sd[k]), k
-    enc = host.pack_module("nodes.encode")
+    enc = host.pack_module("nodes.encode_garments")
     fixtures = host.nodes.NODE_CLASS_MAPPINGS
     feats = enc.encode(gnet, torch.randn(1, 4, 8, 8), ["upper"], fixtures["ADTestStubCLIP"]().run(0)[0],
                        _vision_1280(), torch.rand(1, 64, 64, 3))
@@ -215,8 +215,8 @@ def test_feature_bank_of_one_garment_at_768x576_fits_40_mb(host, full_unet):
     sd, _ = full_unet
     d = host.anydressing_dir()
     write_native(str(d / "bank.safetensors"), unet=sd)
-    gnet = host.pack_module("nodes.garments_net").load("bank.safetensors", str(d / "bank.safetensors"), None)
-    feats = host.pack_module("nodes.encode").encode(gnet, torch.randn(1, 4, 96, 72), ["upper"])
+    gnet = host.pack_module("nodes.load_garments_net").load("bank.safetensors", str(d / "bank.safetensors"), None)
+    feats = host.pack_module("nodes.encode_garments").encode(gnet, torch.randn(1, 4, 96, 72), ["upper"])
     fp16_bytes = sum(t.numel() for t in feats.layers.values()) * 2
     assert fp16_bytes <= 40e6, fp16_bytes
     assert sum(t.shape[1] for t in feats.layers.values()) == 5 * 6912 + 5 * 1728 + 5 * 432 + 108

@@ -72,6 +72,9 @@ try {
         nodes: nodes.length,
         types: nodes.map((n) => n.type),
         errors: nodes.filter((n) => n.has_errors).map((n) => n.type),
+        // each AnyDressing node's widget values as the editor holds them after loading (saved order kept)
+        widgets: Object.fromEntries(nodes.filter((n) => String(n.type).startsWith("AnyDressing")).map((n) =>
+          [String(n.id), (n.widgets || []).map((w) => w.value)])),
       };
     });
     // the editor's own UI-to-API conversion, the reference for anydressing_core.workflow_api

@@ -7,11 +7,11 @@ from typing import Any
 
 import comfy.model_patcher
 import comfy.samplers
+from comfy_api.latest import io
 
 from ..anydressing_core.guidance import joint_guidance
 from ..anydressing_core.run_state import GARMENT_ROWS_KEY, GARMENT_UUIDS_KEY
-from . import glue
-from .attention_maps import has_dressing
+from . import glue, io_types
 
 NODE = "Garment Guidance"
 
@@ -25,7 +25,7 @@ class _Stash:
 
 
 def apply(model: Any, garment_scale: float) -> Any:
-    if not has_dressing(model):
+    if glue.garment_term(model) is None:
         raise glue.NodeError(NODE, "the MODEL has no Dressing-Attention: connect the MODEL output of Apply "
                                    "Dressing-Attention")
     seeing = [b for b in glue.garment_term(model).branches if b.include_uncond]
@@ -76,3 +76,31 @@ def apply(model: Any, garment_scale: float) -> Any:
     m.set_model_sampler_calc_cond_batch_function(calc)
     m.set_model_sampler_cfg_function(cfg)
     return m
+
+
+class GarmentGuidance(io.ComfyNode):
+    """The node: the dressed MODEL in, the MODEL with joint garment guidance out."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AnyDressingGarmentGuidance",
+            display_name=NODE,
+            category=io_types.CATEGORY,
+            description="MagicClothing's joint garment guidance: each step also evaluates the negative prompt with "
+                        "the garments, then x0 = u + garment_scale (g - u) + cfg (t - g), where u is negative text "
+                        "without garments, g negative text with them and t the positive prompt with them. KSampler's "
+                        "cfg is the text scale. Costs one more row per step.",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL output of Apply Dressing-Attention."),
+                io.Float.Input("garment_scale", default=2.5, min=0.0, max=30.0, step=0.1,
+                               tooltip="How strongly the garments are enforced (MagicClothing: 2.5). Equal to "
+                                       "KSampler's cfg gives plain CFG."),
+            ],
+            outputs=[io.Model.Output(display_name="model",
+                                     tooltip="The dressed MODEL with joint garment guidance, for KSampler.")],
+        )
+
+    @classmethod
+    def execute(cls, model, garment_scale) -> io.NodeOutput:
+        return io.NodeOutput(apply(model, garment_scale))

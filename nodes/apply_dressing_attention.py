@@ -1,16 +1,18 @@
-"""Patch a clone of the MODEL with Dressing-Attention on every self-attention layer."""
+"""Apply Dressing-Attention: a clone of the MODEL whose self-attention layers add the garments (paper eq. 6)."""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import torch
+from comfy_api.latest import io
 
 from ..anydressing_core.branch import DressingBranch, DressingLayer
 from ..anydressing_core.features import GarmentFeatures
 from ..anydressing_core.formats import TRAINING_FREE_STRENGTH
 from ..anydressing_core.layers import format_key
-from . import glue
+from . import glue, io_types
+from .garment_masks import GarmentMasks
 
 NODE = "Apply Dressing-Attention"
 
@@ -100,3 +102,54 @@ def apply(model: Any, features: GarmentFeatures, strength: float, weights_text: 
         raise glue.NodeError(NODE, f"{features.source}: {e}; disconnect garment_masks and clear garment_weights") from None
     glue.install_branch(m, branch, {k: blocks[k] for k in layers})
     return m
+
+
+AUTO_STRENGTH = -1.0  # a negative strength means auto; a FLOAT sentinel keeps old saved workflows' values valid
+
+
+class ApplyDressingAttention(io.ComfyNode):
+    """The node: MODEL and GARMENT_FEATURES in, the dressed MODEL out."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AnyDressingApplyDressingAttention",
+            display_name=NODE,
+            category=io_types.CATEGORY,
+            description="Patches a copy of the MODEL so every self-attention layer becomes Dressing-Attention: "
+                        "O = SelfAttn(Q,K,V) + strength * Attn(Q, F W_k', F W_v') over all garments' tokens (one "
+                        "softmax, paper eq. 6). The input MODEL is not changed; chain several to add independent "
+                        "garment sets.",
+            inputs=[
+                io.Model.Input("model", tooltip="Your SD1.5-family MODEL (DressingNet). It is cloned, never changed."),
+                io_types.GarmentFeatures.Input("garment_features", tooltip="From Encode Garments."),
+                io.Float.Input("strength", default=AUTO_STRENGTH, min=AUTO_STRENGTH, max=3.0, step=0.05,
+                               tooltip="lambda: how strongly garments enter self-attention. -1 (any negative value) "
+                                       "= auto: the strength the garment model is meant for (a trained AnyDressing "
+                                       "file's recorded value; 1.0 for MagicClothing, IMAGDressing and DreamFit "
+                                       "files; 0.7, the paper's, for training-free). 0 leaves the MODEL unchanged."),
+                io.String.Input("garment_weights", default="", multiline=False,
+                                tooltip="Optional weight per garment, comma-separated in Encode Garments order "
+                                        "(e.g. '1.0, 0.6'). Empty: all 1.0."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Where in the sampling schedule dressing starts (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Where in the sampling schedule dressing ends (1 = last step)."),
+                io.Combo.Input("apply_to_uncond", options=["auto", "no", "yes"], default="auto",
+                               tooltip="Whether the unconditional (negative) half sees the garments too. auto: what "
+                                       "the garment model's authors did (no for AnyDressing, paper eq. 16, "
+                                       "IMAGDressing and MagicClothing; yes for DreamFit)."),
+                io_types.GarmentMasks.Input("garment_masks", optional=True,
+                                            tooltip="Optional, from Garment Masks: garment k only reaches pixels "
+                                                    "inside mask k (soft masks scale it)."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The dressed MODEL, for KSampler (works with "
+                                                                   "ControlNet, LoRA and IP-Adapter).")],
+        )
+
+    @classmethod
+    def execute(cls, model, garment_features, strength, garment_weights, start_percent, end_percent,
+                apply_to_uncond, garment_masks=None) -> io.NodeOutput:
+        masks = garment_masks.masks if isinstance(garment_masks, GarmentMasks) else garment_masks
+        return io.NodeOutput(apply(model, garment_features, strength, garment_weights, start_percent, end_percent,
+                                   apply_to_uncond, masks))

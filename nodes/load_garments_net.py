@@ -1,4 +1,5 @@
-"""GARMENTS_NET: a ComfyUI ModelPatcher holding the garment UNet, plus its per-slot LoRA and Dressing-Attention weights."""
+"""Load GarmentsNet: the garment UNet (a ComfyUI ModelPatcher) with its per-slot GFE LoRA and Dressing-Attention
+weights, from an AnyDressing-native file, a peer format, or the connected MODEL itself ('training-free')."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.supported_models
 import comfy.utils
+from comfy_api.latest import io
 
 from ..anydressing_core.layers import LayerKey
 from ..anydressing_core.lora import SlotLoRAs
@@ -20,6 +22,7 @@ from ..anydressing_core.encoder import TAP_INPUT
 from ..anydressing_core.formats import TRAINING_FREE_STRENGTH, feature_tap, inference_strength, load_contents
 from ..anydressing_core.native_format import FormatError, NativeContents
 from ..anydressing_core.resampler import resampler_from_weights
+from . import io_types, model_folder
 from .glue import NodeError
 
 NODE = "Load GarmentsNet"
@@ -265,3 +268,47 @@ def load(choice: str, path: Union[ModelFile, str, None], base_model: Optional[An
     except Exception as e:  # weights that parse but cannot form a UNet: say so, never a bare traceback
         raise NodeError(NODE, f"{os.path.basename(path)}: the GarmentsNet weights do not form an SD1.5 UNet "
                               f"({type(e).__name__}: {e}); re-convert or re-download the file") from None
+
+
+class LoadGarmentsNet(io.ComfyNode):
+    """The node: file choice and base MODEL in, GARMENTS_NET out."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AnyDressingLoadGarmentsNet",
+            display_name=NODE,
+            category=io_types.CATEGORY,
+            description="Loads GarmentsNet, the UNet that encodes garments (AnyDressing, run once at t=0), with its "
+                        "per-slot Garment-Specific Feature Extractor LoRA and Dressing-Attention weights from a file in "
+                        "models/anydressing/. 'training-free' uses the connected MODEL's own UNet instead, with no "
+                        "extra weights and no extra copy in memory.",
+            inputs=[
+                io.Combo.Input("garments_net_name", options=[TRAINING_FREE] + model_folder.model_files(),
+                               tooltip="An AnyDressing-format file from ComfyUI/models/anydressing/, or "
+                                       "'training-free' to use the connected MODEL's UNet as GarmentsNet."),
+                io.Model.Input("model", optional=True,
+                               tooltip="Your SD1.5-family checkpoint's MODEL (SDXL: 'training-free' only). Needed "
+                                       "for 'training-free' and for files that hold only LoRA / Dressing-Attention "
+                                       "weights."),
+                io.Combo.Input("extra_weights_name", options=["none"] + model_folder.extra_weights_files(),
+                               default="none", optional=True,
+                               tooltip="A second file with Dressing-Attention weights for the first one, e.g. "
+                                       "MagicClothing's ip_layer.pth next to garment_extractor.safetensors "
+                                       "('stable')."),
+            ],
+            outputs=[io_types.GarmentsNet.Output(display_name="garments_net",
+                                                 tooltip="The garment encoder, for Encode Garments.")],
+        )
+
+    @classmethod
+    def execute(cls, garments_net_name, model=None, extra_weights_name="none") -> io.NodeOutput:
+        path = None
+        if garments_net_name != TRAINING_FREE:
+            path = _model_file(garments_net_name)
+        extra = None if extra_weights_name in (None, "", "none") else _model_file(extra_weights_name)
+        return io.NodeOutput(load(garments_net_name, path, model, extra))
+
+
+def _model_file(name: str) -> ModelFile:
+    return ModelFile(name, model_folder.full_path(name), model_folder.expected_path(name))
