@@ -18,6 +18,7 @@ import math
 from typing import Callable, Optional, Sequence
 
 import torch
+from einops import rearrange
 
 # attention(q, k, v, heads, transformer_options=...) -> [B, Lq, heads*d]; q/k/v are [B, L, heads*d]. The node layer
 # passes ComfyUI's optimized attention here, and the layer's transformer_options with it, so every backend (and the
@@ -28,18 +29,19 @@ AttentionFn = Callable[..., torch.Tensor]
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, **options) -> torch.Tensor:
     """Plain multi-head attention with torch's SDPA; used when no host attention function is given (options, such
     as transformer_options, are for host attention functions and are not needed here)."""
-    b, lq, inner = q.shape
-    d = inner // heads
-    qh = q.reshape(b, lq, heads, d).transpose(1, 2)
-    kh = k.reshape(k.shape[0], k.shape[1], heads, d).transpose(1, 2)
-    vh = v.reshape(v.shape[0], v.shape[1], heads, d).transpose(1, 2)
-    out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh)
-    return out.transpose(1, 2).reshape(b, lq, inner)
+    out = torch.nn.functional.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(k, heads),
+                                                           _split_heads(v, heads))
+    return _merge_heads(out)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, length, inner = x.shape
-    return x.reshape(b, length, heads, inner // heads).transpose(1, 2)
+    """[B, L, heads*d] -> [B, heads, L, d]."""
+    return rearrange(x, "b l (h d) -> b h l d", h=heads)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, heads, L, d] -> [B, L, heads*d]."""
+    return rearrange(x, "b h l d -> b l (h d)")
 
 
 def _attention_lse_math(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, scale: float,
@@ -137,13 +139,14 @@ def garment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         folded_masks = folded_visible = None
         if masks is not None:
             m = masks if masks.dim() == 3 else masks.unsqueeze(0).expand(b, -1, -1)
-            folded_masks = m.permute(1, 0, 2).reshape(m.shape[1], b * lq)
+            folded_masks = rearrange(m, "b n l -> n (b l)")
         if visible is not None:  # the same queries in every row, offset by the row (device arithmetic, no sync)
             offsets = torch.arange(b, device=q.device).unsqueeze(1) * lq
             folded_visible = [(idx.to(q.device).unsqueeze(0) + offsets).reshape(-1) for idx in visible]
-        out = garment_attention(q.reshape(1, b * lq, c), keys, values, heads, segments, weights, folded_masks,
-                                attention, joint, folded_visible)
-        return out.reshape(b, lq, c)
+        folded = rearrange(q, "b l c -> 1 (b l) c")
+        out = garment_attention(folded, keys, values, heads, segments, weights, folded_masks, attention, joint,
+                                folded_visible)
+        return rearrange(out, "1 (b l) c -> b l c", b=b)
     coef = [1.0] * n if weights is None else [float(w) for w in weights]  # Python floats: no host-to-device copy
     if len(coef) != n:
         raise ValueError(f"{len(coef)} garment weights given for {n} garments")
@@ -212,7 +215,7 @@ def garment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             out = out + mix.unsqueeze(-1) * outs[k].float()
         else:
             out.index_add_(2, idx[k], mix.index_select(-1, idx[k]).unsqueeze(-1) * outs[k].float())
-    return out.to(q.dtype).transpose(1, 2).reshape(q.shape)
+    return _merge_heads(out.to(q.dtype))
 
 
 def garment_attention_mass(q: torch.Tensor, keys: torch.Tensor, heads: int, segments: Sequence[tuple[int, int]],
