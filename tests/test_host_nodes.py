@@ -79,19 +79,26 @@ def test_model_folder_is_created_at_start_up_when_absent(host, tmp_path):
         fp.folder_names_and_paths["anydressing"] = saved_entry
 
 
-def test_every_node_has_a_help_page_naming_its_inputs(host):
+def test_every_help_page_has_the_tables_of_its_nodes_schema_and_core_layout(host):
+    """web/docs/<NodeId>.md: purpose, the inputs and outputs tables as tools/help_pages.py makes them from the node's
+    own /object_info entry (so they cannot drift from the schema), typical settings, errors."""
+    import sys
     from pathlib import Path
 
+    sys.path.append(str(Path(host_mod_repo()) / "tools"))
+    import help_pages
+
+    info = host.request("/object_info")
     docs = Path(host_mod_repo()) / "web" / "docs"
-    for node_id, cls in host.nodes.NODE_CLASS_MAPPINGS.items():
-        if not node_id.startswith("AnyDressing"):
-            continue
+    ours = sorted(k for k in host.nodes.NODE_CLASS_MAPPINGS if k.startswith("AnyDressing"))
+    assert sorted(p.stem for p in docs.glob("*.md")) == ours
+    for node_id in ours:
         page = (docs / f"{node_id}.md").read_text()
-        assert page.startswith(f"# {host.nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]}")
-        spec = cls.INPUT_TYPES()
-        for name in list(spec.get("required", {})) + list(spec.get("optional", {})):
-            stem = name.rsplit("_", 1)[0] if name[-1].isdigit() else name
-            assert stem in page, f"{node_id}: help page does not mention {name}"
+        assert page.startswith(f"# {host.nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]}\n\n")
+        assert help_pages.with_tables(page, node_id, info[node_id]) == page, (
+            f"{node_id}: the page's tables differ from the schema: run tools/help_pages.py")
+        sections = [line for line in page.splitlines() if line.startswith("## ")]
+        assert sections == ["## Inputs", "## Outputs", "## Typical settings", "## Errors"], (node_id, sections)
     assert host.nodes.EXTENSION_WEB_DIRS.get("ComfyUI-AnyDressing", "").endswith("web")
 
 
