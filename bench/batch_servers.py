@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -84,7 +83,7 @@ def main() -> None:
     import host as test_host
 
     test_host.add_shims_if_needed()  # torchvision/torchaudio import stand-ins where they are not installed
-    work = Path(tempfile.mkdtemp(prefix="anydressing-bench-"))
+    work = test_host.scratch_dir("anydressing-bench-")  # removed on exit (ANYDRESSING_KEEP_TMP=1 keeps it)
     toy = args.workflow is None
     if toy:
         wf, csv = toy_setup(work, args.outfits, args.steps)

@@ -19,12 +19,13 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(REPO / "tests"))  # host: finding the pinned ComfyUI, scratch folders
+import host  # noqa: E402
 import peak_memory  # noqa: E402
 
 
@@ -32,9 +33,6 @@ def default_comfyui() -> str:
     """$COMFYUI_PATH, else the tests' host (the pinned ComfyUI in .comfyui/, extracted from ../shared/host if needed)."""
     if os.environ.get("COMFYUI_PATH"):
         return os.environ["COMFYUI_PATH"]
-    sys.path.insert(0, str(REPO / "tests"))
-    import host
-
     found = host.find_comfyui()
     if found is None:
         raise SystemExit(f"pass --comfyui PATH: {host.why_no_host()}")
@@ -43,7 +41,7 @@ def default_comfyui() -> str:
 
 def boot(comfyui: Path, cpu: bool, flags: list[str] = ()):
     sys.path.insert(0, str(comfyui))
-    base = Path(tempfile.mkdtemp(prefix="anydressing-bench-"))
+    base = host.scratch_dir("anydressing-bench-")  # removed on exit (ANYDRESSING_KEEP_TMP=1 keeps it)
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "ComfyUI-AnyDressing").symlink_to(REPO, target_is_directory=True)
     saved = sys.argv

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -22,7 +21,7 @@ class Server:
     """
 
     def __init__(self, root: Path, settings: dict = None):
-        self.base = Path(tempfile.mkdtemp(prefix="anydressing-server-"))
+        self.base = host_mod.scratch_dir("anydressing-server-")
         if settings:
             (self.base / "user" / "default").mkdir(parents=True)
             (self.base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(settings))

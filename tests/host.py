@@ -10,6 +10,7 @@ into the git-ignored .comfyui/ComfyUI-<version>/.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib.util
 import json
 import os
@@ -291,6 +292,16 @@ def _record_thread_error(args) -> None:
     sys.__stderr__.write(THREAD_ERRORS[-1])
 
 
+
+def scratch_dir(prefix: str) -> Path:
+    """A fresh folder under the system temp, removed when the process ends (a ComfyUI base directory holds
+    checkpoints of hundreds of MB: left behind, a few runs fill a disk). ANYDRESSING_KEEP_TMP=1 keeps them."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if os.environ.get("ANYDRESSING_KEEP_TMP") != "1":
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def boot() -> Host:
     """Boot ComfyUI in this process (once), through its own main.py: flags (--cpu before comfy.model_management is
     imported), paths, custom nodes, the server on a free loopback port and main.py's prompt worker."""
@@ -302,7 +313,7 @@ def boot() -> Host:
         raise RuntimeError(why_no_host())
     add_shims_if_needed()
     threading.excepthook = _record_thread_error
-    base = Path(tempfile.mkdtemp(prefix="anydressing-host-"))
+    base = scratch_dir("anydressing-host-")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK_LINK_NAME).symlink_to(REPO, target_is_directory=True)
     (base / "custom_nodes" / "anydressing_test_fixtures").symlink_to(FIXTURE_PACK, target_is_directory=True)

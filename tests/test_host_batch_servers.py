@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -142,7 +141,7 @@ def _children_of_base(base: Path) -> list:
 @pytest.mark.parametrize("ending", ["done", "failure", "ctrl-c"])
 def test_the_local_default_leaves_no_comfyui_behind(host, work, ending):
     """Without --server the command starts one ComfyUI and stops it on every way out."""
-    base = Path(tempfile.mkdtemp(prefix="anydressing-local-"))
+    base = host_mod.scratch_dir("anydressing-local-")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / host_mod.PACK_LINK_NAME).symlink_to(host_mod.REPO, target_is_directory=True)
     (base / "custom_nodes" / "anydressing_test_fixtures").symlink_to(host_mod.FIXTURE_PACK, target_is_directory=True)

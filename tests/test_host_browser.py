@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def editor(host, request):
         for m in json.loads(wf.read_text()).get("models", []):
             (server.base / "models" / m["directory"]).mkdir(parents=True, exist_ok=True)
             (server.base / "models" / m["directory"] / m["name"]).touch()
-    shots = Path(os.environ.get("ANYDRESSING_SCREENSHOTS") or tempfile.mkdtemp(prefix="anydressing-shots-"))
+    shots = Path(os.environ.get("ANYDRESSING_SCREENSHOTS") or host_mod.scratch_dir("anydressing-shots-"))
     shots.mkdir(parents=True, exist_ok=True)
     tiny = graphs.dressing_prompt(capture_key="browser")
     tiny.pop("capture")

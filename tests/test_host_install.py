@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ def test_readme_install_steps_in_a_fresh_comfyui(host):
         pytest.skip("the pack is not a git checkout with a commit; nothing to clone")
     install, start = readme_install_commands()
     assert REPO_URL in install and start.startswith("python ComfyUI/main.py")
-    work = Path(tempfile.mkdtemp(prefix="anydressing-install-"))
+    work = host_mod.scratch_dir("anydressing-install-")
     top = {"custom_nodes", "models", "output", "input", "user", "temp"}
 
     def fresh(directory, names):  # the code only: no packs, models or outputs of the host
@@ -63,10 +62,11 @@ def test_readme_install_steps_in_a_fresh_comfyui(host):
 
 def test_any_folder_name(host):
     """custom_nodes/<any folder name>: a dot and a space in the name still load (ComfyUI mangles dots)."""
-    base = Path(tempfile.mkdtemp(prefix="anydressing-folder-"))
+    base = host_mod.scratch_dir("anydressing-folder-")
     (base / "custom_nodes").mkdir()
     folder = base / "custom_nodes" / "my.dressing pack"
-    shutil.copytree(REPO, folder, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", ".comfyui", "node_modules"))
+    shutil.copytree(REPO, folder, ignore=shutil.ignore_patterns(".venv*", ".git", "__pycache__", ".comfyui", "node_modules",
+                                                             ".pytest_cache"))
     env = dict(os.environ)
     host_mod.add_shims_if_needed()
     env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
