@@ -175,9 +175,9 @@ class DressingBranch:
             if q.shape[1] != h * w or q.shape[0] != int(act[0]):
                 raise ValueError(
                     f"[AnyDressing] Apply Dressing-Attention: layer {format_key(key)} receives {q.shape[0]} row(s) of "
-                    f"{q.shape[1]} tokens, not {int(act[0])} row(s) of its {w}x{h} grid: a patch before the attention "
-                    f"tiles or merges tokens (HyperTile, TomePatchModel), and garment masks cannot follow the tiles. "
-                    f"Disconnect garment_masks, or remove HyperTile/TomePatchModel from the MODEL")
+                    f"{q.shape[1]} tokens, not {int(act[0])} row(s) of its {w}x{h} grid: another pack's attention "
+                    f"patch, put in front of the pack's own, tiles or merges the tokens, and garment masks cannot "
+                    f"follow them. Disconnect garment_masks, or apply that pack's node before Apply Dressing-Attention")
         full = cache.get("latent_shape") if cache is not None else None
         orig = extra.get("original_shape")
         if full is not None and orig is not None and len(orig) >= 4 and tuple(orig[-2:]) != tuple(full[-2:]):

@@ -124,6 +124,7 @@ class ApplyDressingAttention(io.ComfyNode):
                 io.Model.Input("model", tooltip="Your SD1.5-family MODEL (DressingNet). It is cloned, never changed."),
                 io_types.GarmentFeatures.Input("garment_features", tooltip="From Encode Garments."),
                 io.Float.Input("strength", default=AUTO_STRENGTH, min=AUTO_STRENGTH, max=3.0, step=0.05,
+                               display_name="strength (-1 = auto)",
                                tooltip="lambda: how strongly garments enter self-attention. -1 (any negative value) "
                                        "= auto: the strength the garment model is meant for (a trained AnyDressing "
                                        "file's recorded value; 1.0 for MagicClothing, IMAGDressing and DreamFit "

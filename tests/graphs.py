@@ -8,7 +8,8 @@ def dressing_prompt(*, strength: float = 0.7, garments=((1, "upper"), (2, "lower
                     weights: str = "", include_uncond: bool = False, gnet_name: str = "training-free",
                     capture_key: str = "out", patched: bool = True, extra_apply=None, pre_model=None,
                     garment_size=(48, 64), start=0.0, end=1.0, sampler="euler", batch: int = 1) -> dict:
-    """A graph of the four nodes plus KSampler. garments: (image seed, slot) per garment; masks: list of boxes."""
+    """A graph of the dressing nodes (Load GarmentsNet, Encode Garments, Garment Masks, Apply) plus KSampler.
+    garments: (image seed, slot) per garment; masks: list of boxes."""
     p: dict = {
         "model": {"class_type": "ADTestTinyModel", "inputs": {"seed": 0, "model_channels": 32}},
         "vae": {"class_type": "ADTestTinyVAE", "inputs": {"seed": 0}},

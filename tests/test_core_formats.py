@@ -226,15 +226,14 @@ def test_gfe_output_tap_keeps_the_lora_self_attention_output():
         GarmentEncodeHooks(["upper"], {}, sdpa_attention, tap="attn2")
 
 
-def test_readme_training_example_defines_or_imports_everything_it_calls():
-    """The README's Python training example is complete: every name it uses is imported or assigned in it (or a
+def test_the_training_pages_example_defines_or_imports_everything_it_calls():
+    """The training page's Python example is complete: every name it uses is imported or assigned in it (or a
     builtin), and every `from anydressing_train... import x` names something that exists."""
     import builtins
     import importlib
     import re
 
-    text = (REPO / "README.md").read_text()
-    training = text[text.index("## Training"):]
+    training = (REPO / "docs" / "training.md").read_text()
     code = re.search(r"From Python.*?```python\n(.*?)```", training, re.S).group(1)
     tree = ast.parse(code)
     bound = set(dir(builtins))

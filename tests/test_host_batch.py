@@ -24,7 +24,7 @@ TOOL = host_mod.REPO / "tools" / "batch_dress.py"
 
 @pytest.fixture(scope="module")
 def setup(host):
-    base = Path(tempfile.mkdtemp(prefix="anydressing-batch-"))
+    base = host_mod.scratch_dir("anydressing-batch-")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / host_mod.PACK_LINK_NAME).symlink_to(host_mod.REPO, target_is_directory=True)
     (base / "custom_nodes" / "anydressing_test_fixtures").symlink_to(host_mod.FIXTURE_PACK, target_is_directory=True)
@@ -114,7 +114,7 @@ def fresh(host):
         write_random_sd15_checkpoint(part, channel_mult=[1, 1, 1, 1])
         os.replace(part, SMALL_SD15)
     top_skip = {"custom_nodes", "models", "input", "output", "temp", "user", ".git"}
-    root = Path(tempfile.mkdtemp(prefix="anydressing-fresh-")) / "ComfyUI"
+    root = host_mod.scratch_dir("anydressing-fresh-") / "ComfyUI"
     shutil.copytree(host.root, root, ignore=lambda d, names: [n for n in names if n == "__pycache__" or
                                                              (Path(d) == host.root and n in top_skip)])
     (root / "custom_nodes").mkdir()
@@ -293,14 +293,14 @@ def test_validation_errors_are_lines_naming_node_input_and_reason(fresh):
     assert not (fresh / "output" / "bad" / "done.jsonl").exists()
 
 
-def test_readme_workflow_to_api_command_on_a_fresh_comfyui(fresh, host):
-    """The README's conversion command, from the ComfyUI folder (ComfyUI's node definitions, no server)."""
+def test_the_docs_workflow_to_api_command_on_a_fresh_comfyui(fresh, host):
+    """The batch page's conversion command, from the ComfyUI folder (it starts that ComfyUI for /object_info)."""
     import shlex
     import shutil
 
     from anydressing_core.workflow_api import to_api
 
-    line = next(l for l in README.read_text().splitlines()
+    line = next(l for l in (host_mod.REPO / "docs" / "batch.md").read_text().splitlines()
                 if l.startswith("python custom_nodes/ComfyUI-AnyDressing/tools/workflow_to_api.py"))
     cmd = [sys.executable] + shlex.split(line)[1:] + COMFY_FLAGS
     src = host_mod.REPO / "workflows" / "anydressing_with_lora.json"
@@ -342,8 +342,8 @@ def test_checkpoint_choice_and_size_overrides_reach_every_node_they_name():
     assert api["2"]["inputs"]["batch_size"] == 1 and api["3"]["inputs"]["grow"] == 0
 
 
-def test_readme_training_command_on_a_fresh_comfyui_creates_the_output_folder(fresh, tmp_path):
-    """The README's training command as written (`~` = the folder holding the fresh ComfyUI, the pack on the path as
+def test_the_docs_training_command_on_a_fresh_comfyui_creates_the_output_folder(fresh, tmp_path):
+    """The training page's command as written (`~` = the folder holding the fresh ComfyUI, the pack on the path as
     when run from its folder), plus a 2-step run on the CPU: a fresh ComfyUI has no models/anydressing/ yet, and the
     command creates it instead of failing on its log file; it warns of the random VAE's latent scale."""
     import shlex
@@ -351,7 +351,8 @@ def test_readme_training_command_on_a_fresh_comfyui_creates_the_output_folder(fr
     from anydressing_core.native_format import read_native
 
     root = fresh
-    line = next(l for l in README.read_text().splitlines() if l.startswith("python -m anydressing_train --comfyui"))
+    line = next(l for l in (host_mod.REPO / "docs" / "training.md").read_text().splitlines()
+                if l.startswith("python -m anydressing_train --comfyui"))
     cmd = [sys.executable] + [a.replace("~", str(root.parent), 1) if a.startswith("~") else a
                               for a in shlex.split(line)[1:]]
     ckpt = root / "models" / "checkpoints" / "v1-5-pruned-emaonly.safetensors"

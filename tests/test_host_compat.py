@@ -4,7 +4,7 @@ Each cell runs the real nodes through the real executor on the tiny SD1.5-archit
 "Works" means: the garments still act (the output differs from the same graph without dressing) and every dressed
 layer reaches the garment branch in every model evaluation (no layer silently undressed); where the composition is
 exact, the two orders give the same result. "Refused" means an `[AnyDressing]` error naming the other node and
-the fix. The README's compatibility table lists the same cells.
+the fix. docs/compatibility.md lists the same cells.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Host: the four nodes plus the stock KSampler through ComfyUI's real executor, on tiny SD1.5-architecture models."""
+"""Host: the dressing nodes plus the stock KSampler through ComfyUI's real executor, on tiny SD1.5-architecture models."""
 
 from __future__ import annotations
 
