@@ -107,43 +107,35 @@ class GarmentTerm:
         return n
 
 
-class InputPatch:
-    """attn1_patch: keeps the layer's input; joins concat-mode garment tokens to its context and value."""
+class _TermPatch:
+    """One of the term's three patches: shared, not copied, when ComfyUI deep-copies the patch lists of a clone."""
 
     def __init__(self, term: GarmentTerm):
         self.term = term
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class InputPatch(_TermPatch):
+    """attn1_patch: keeps the layer's input; joins concat-mode garment tokens to its context and value."""
 
     def __call__(self, n, context, value, extra):
         return self.term.keep_input(n, context, value, extra)
 
-    def __deepcopy__(self, memo):
-        return self
 
-
-class MiddlePatch:
+class MiddlePatch(_TermPatch):
     """middle_patch: adds W_out (lambda G) to the block's hidden states after its self-attention."""
-
-    def __init__(self, term: GarmentTerm):
-        self.term = term
 
     def __call__(self, x, extra):
         return self.term.add_term(x, extra)
 
-    def __deepcopy__(self, memo):
-        return self
 
-
-class OutputPatch:
+class OutputPatch(_TermPatch):
     """attn1_output_patch (concat formats only): the latent tokens' rows of an output with one row per key."""
-
-    def __init__(self, term: GarmentTerm):
-        self.term = term
 
     def __call__(self, n, extra):
         return self.term.trim(n, extra)
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 def find_term(transformer_options: dict) -> Optional[GarmentTerm]:

@@ -12,14 +12,12 @@ Only the part between the two markers is rewritten; the purpose, the typical set
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import urllib.request
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent))
 
-from local_comfy import LocalComfyUI, find_root, split_comfy_args  # noqa: E402
+from local_comfy import node_definitions, split_comfy_args  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "web" / "docs"
 BEGIN = "<!-- inputs and outputs: made from the node's schema by tools/help_pages.py; do not edit by hand -->"
@@ -95,22 +93,13 @@ def with_tables(page: str, node_id: str, info: dict) -> str:
     return f"{head}\n\n{block}\n\n## {rest}" if rest else f"{page.rstrip()}\n\n{block}\n"
 
 
-def object_info(url: str) -> dict:
-    with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=300) as r:
-        return json.loads(r.read())
-
-
 def main(argv=None) -> int:
     argv, comfy_args = split_comfy_args(list(sys.argv[1:] if argv is None else argv))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--server", help="a running ComfyUI's address (default: start the one this pack is in)")
     ap.add_argument("--comfyui", help="the ComfyUI folder (default: the one whose custom_nodes/ holds this pack)")
     args = ap.parse_args(argv)
-    if args.server:
-        info = object_info(args.server)
-    else:
-        with LocalComfyUI(find_root(args.comfyui), comfy_args) as local:
-            info = object_info(local.url)
+    info = node_definitions(args.server, args.comfyui, comfy_args)
     for page in sorted(DOCS.glob("AnyDressing*.md")):
         node_id = page.stem
         if node_id not in info:

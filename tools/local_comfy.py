@@ -7,6 +7,7 @@ Ctrl-C, on SIGTERM. No process is left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -31,6 +32,23 @@ def find_root(given: Optional[str]) -> Path:
     if not (root / "main.py").is_file() or not (root / "comfy").is_dir():
         raise SystemExit(f"{root} is not a ComfyUI folder; run from the ComfyUI folder or pass --comfyui PATH")
     return root
+
+
+def node_definitions(server: Optional[str], comfyui: Optional[str], comfy_args: list[str]) -> dict:
+    """ComfyUI's node definitions (GET /object_info): of the running --server, else of the ComfyUI folder, started for
+    the purpose and stopped again (its log goes to stderr)."""
+    if server:
+        try:
+            return _object_info(server)
+        except OSError as e:
+            raise SystemExit(f"--server {server}: no answer ({e}); start ComfyUI there or check the address")
+    with LocalComfyUI(find_root(comfyui), comfy_args) as local:
+        return _object_info(local.url)
+
+
+def _object_info(url: str) -> dict:
+    with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=300) as r:
+        return json.loads(r.read())
 
 
 def split_comfy_args(argv: list[str]) -> tuple[list[str], list[str]]:

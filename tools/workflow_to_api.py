@@ -14,19 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import urllib.request
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # anydressing_core (appended: ComfyUI's "nodes" wins)
 
 from anydressing_core.workflow_api import WorkflowError, to_api_from_object_info  # noqa: E402
-from local_comfy import LocalComfyUI, find_root, split_comfy_args  # noqa: E402
-
-
-def object_info(url: str) -> dict:
-    with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=300) as r:
-        return json.loads(r.read())
+from local_comfy import node_definitions, split_comfy_args  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,15 +36,7 @@ def main(argv=None) -> int:
     if "nodes" not in workflow:
         raise SystemExit(f"{args.workflow} is already an API prompt (no \"nodes\" list); nothing to convert")
     try:
-        if args.server:
-            try:
-                info = object_info(args.server)
-            except OSError as e:
-                raise SystemExit(f"--server {args.server}: no answer ({e}); start ComfyUI there or check the address")
-        else:
-            with LocalComfyUI(find_root(args.comfyui), comfy_args) as local:  # its log goes to stderr
-                info = object_info(local.url)
-        api = to_api_from_object_info(workflow, info)
+        api = to_api_from_object_info(workflow, node_definitions(args.server, args.comfyui, comfy_args))
     except WorkflowError as e:
         raise SystemExit(f"{args.workflow}: {e}")
     text = json.dumps(api, indent=2)
