@@ -21,6 +21,8 @@ pytestmark = pytest.mark.host
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
 CHROMIUM = "/usr/bin/chromium"
 WORKFLOWS = sorted((host_mod.REPO / "workflows").glob("*.json"))
+# saved by v0.8.0's editor with the pack before its nodes moved to the V3 schema (tests/browser/save_workflow.mjs)
+SAVED_BEFORE_V3 = Path(__file__).resolve().parent / "browser" / "workflow_saved_before_v3.json"
 
 
 def browser_missing() -> str:
@@ -54,7 +56,7 @@ def editor(host, request):
     queue_file.write_text(json.dumps(tiny))
     before = set(server.get("/history") or {})
     r = subprocess.run(["node", str(BROWSER_DIR / "editor_check.mjs"), server.url, str(shots), str(queue_file)]
-                       + [str(p) for p in WORKFLOWS], capture_output=True, text=True, timeout=600, cwd=BROWSER_DIR)
+                       + [str(p) for p in WORKFLOWS + [SAVED_BEFORE_V3]], capture_output=True, text=True, timeout=600, cwd=BROWSER_DIR)
     queue_file.unlink()
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -70,8 +72,8 @@ def editor(host, request):
 
 def test_every_workflow_loads_with_no_unknown_missing_node_and_no_error(editor):
     result, _, shots, _ = editor
-    assert [w["name"] for w in result["workflows"]] == [p.name for p in WORKFLOWS]
-    for w in result["workflows"]:
+    assert [w["name"] for w in result["workflows"]] == [p.name for p in WORKFLOWS + [SAVED_BEFORE_V3]]
+    for w in result["workflows"][:len(WORKFLOWS)]:
         wf = json.loads((host_mod.REPO / "workflows" / w["name"]).read_text())
         assert w["nodes"] == len(wf["nodes"]), w
         assert set(w["missing"] or []) <= set(EXTERNAL), w  # only other packs' nodes may be missing
@@ -105,6 +107,31 @@ def test_a_workflow_queued_from_the_page_runs(editor):
     assert list((server.base / "output" / "browser").glob("q_*.latent"))
 
 
+def test_a_workflow_saved_before_the_v3_nodes_loads_unchanged_and_runs(editor, host):
+    """A graph of all six nodes with non-default values, saved by the editor when the nodes were V1: it loads with no
+    missing node and every widget value where it was saved, the editor turns it into the same prompt as the pack's
+    converter, and that prompt runs (the dressed sample, its preview and the attention-map overlays)."""
+    from anydressing_core.workflow_api import to_api
+
+    result, _, _, server = editor
+    (w,) = [w for w in result["workflows"] if w["name"] == SAVED_BEFORE_V3.name]
+    saved = json.loads(SAVED_BEFORE_V3.read_text())
+    ours = {n["type"] for n in saved["nodes"] if n["type"].startswith("AnyDressing")}
+    assert ours == {k for k in host.nodes.NODE_CLASS_MAPPINGS if k.startswith("AnyDressing")}
+    assert not w["missing"] and w["errors"] == [] and w["pageErrors"] == [], w
+    for node in saved["nodes"]:
+        if node["type"].startswith("AnyDressing"):
+            assert w["widgets"][str(node["id"])] == node["widgets_values"], node["type"]
+    prompt = w["prompt"]
+    assert to_api(saved, host.nodes.NODE_CLASS_MAPPINGS, host.nodes.NODE_DISPLAY_NAME_MAPPINGS) == prompt
+    apply = next(v for v in prompt.values() if v["class_type"] == "AnyDressingApplyDressingAttention")["inputs"]
+    assert (apply["strength"], apply["garment_weights"], apply["start_percent"]) == (0.55, "1.0, 0.8", 0.1)
+    entry = server.wait(server.submit(prompt), timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    previews = [k for k, v in prompt.items() if v["class_type"] == "PreviewImage"]
+    assert len(previews) == 2 and all(entry["outputs"][k]["images"] for k in previews), entry["outputs"]
+
+
 def test_workflow_converter_gives_the_editors_own_prompt(editor, host):
     """anydressing_core.workflow_api (used by the batch and workflow_to_api commands) against the editor's
     graphToPrompt: every shipped workflow whose nodes are all installed, and a graph built in the editor with a
@@ -114,7 +141,7 @@ def test_workflow_converter_gives_the_editors_own_prompt(editor, host):
     result, *_ = editor
     classes, names = host.nodes.NODE_CLASS_MAPPINGS, host.nodes.NODE_DISPLAY_NAME_MAPPINGS
     compared = []
-    for w in result["workflows"]:
+    for w in result["workflows"][:len(WORKFLOWS)]:
         if w["missing"]:
             continue
         wf = json.loads((host_mod.REPO / "workflows" / w["name"]).read_text())

@@ -84,7 +84,9 @@ try {
     await page.evaluate(() => { const c = window.app.canvas; c.ds.scale = 0.75; c.ds.offset = [10, 10];
                                 c.setDirty(true, true); });
     await page.waitForTimeout(300);
-    await page.screenshot({ path: path.join(outDir, name.replace(/\.json$/, ".png")) });
+    if (path.basename(path.dirname(wf)) === "workflows") {  // the shipped ones (docs/screenshots)
+      await page.screenshot({ path: path.join(outDir, name.replace(/\.json$/, ".png")) });
+    }
     result.workflows.push({ name, ...info, dialogs, pageErrors: result.pageErrors.slice(errorsAtStart) });
   }
   // a graph built in the editor with what it resolves when queueing: a Reroute, a PrimitiveNode on a converted
