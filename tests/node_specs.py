@@ -9,8 +9,3 @@ def choices(spec) -> list:
         return list(spec[0])
     return list((spec[1] if len(spec) > 1 else {}).get("options") or [])
 
-
-def inputs_of(node_class) -> dict:
-    """name -> spec of every input (required first, then optional), as the editor orders them."""
-    spec = node_class.INPUT_TYPES()
-    return {**(spec.get("required") or {}), **(spec.get("optional") or {})}
